@@ -1,0 +1,94 @@
+"""``tune run [launcher options] RECIPE --config CONFIG [key=value ...] [~key ...]``.
+
+RECIPE is a registered name (``tune ls``) or a ``.py`` file. Without launcher options the
+recipe runs in this process, on one device, exactly as ``python SCRIPT --config ...`` would.
+With torchrun's options (``--nproc_per_node``, ``--nnodes``, ``--rdzv_endpoint``, ...) it is
+handed to torchrun's own launcher, with the recipe script as every worker's entry point; on a
+single node with no rendezvous given, torchrun's ``--standalone`` mode picks a free port.
+Before workers start, the config is loaded and checked here once, so a mistake is reported
+once, not by every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from attune.cli.catalog import recipe_schema, recipe_script
+from attune.config import check, load_config, recipe_arguments
+from attune.errors import AttuneError
+
+USAGE = (
+    "usage: tune run [torchrun options] RECIPE --config CONFIG [key=value ...] [~key ...]\n\n"
+    + __doc__.split("\n\n", 1)[1]
+    + "\ntorchrun options: see `torchrun --help`."
+)
+
+
+def _run_in_process(script: Path, script_args: list[str]) -> int:
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *script_args]
+    sys.path.insert(0, str(script.parent.resolve()))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0
+
+
+def _single_node_without_rendezvous(args: object) -> bool:
+    return (
+        str(args.nnodes) in ("1", "1:1")
+        and not args.rdzv_endpoint
+        and args.rdzv_backend == "static"
+        and args.master_port is None
+    )
+
+
+def _launch(launcher_args: object, script: Path) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run as torchrun
+
+    launcher_args.training_script = str(script)
+    if _single_node_without_rendezvous(launcher_args):
+        launcher_args.standalone = True
+    try:
+        torchrun(launcher_args)
+    except ChildFailedError as error:
+        # Workers stopped by torchrun after another failed have negative (signal) codes.
+        failed = {rank: f for rank, f in error.failures.items() if f.exitcode > 0}
+        failed = failed or error.failures
+        rank = min(failed)
+        others = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise AttuneError(
+            f"worker rank {rank}{others} failed: exit code {failed[rank].exitcode} "
+            "(the worker's own error is printed above)"
+        ) from None
+    return 0
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``tune run`` with the arguments that follow ``run``; returns the exit status."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    from torch.distributed.run import get_args_parser
+
+    launched = argv[0].startswith("-")
+    parser = get_args_parser()
+    parser.prog = "tune run"
+    launcher_args = parser.parse_args(argv)
+    if launcher_args.module or launcher_args.no_python:
+        raise AttuneError("tune run: --module and --no-python are not supported; give a recipe")
+    token = launcher_args.training_script
+    script = recipe_script(token)
+    script_args = list(launcher_args.training_script_args)
+    config_name, overrides = recipe_arguments(script_args, prog=f"tune run {token}")
+    if not launched:
+        return _run_in_process(script, script_args)
+    # Check once here, before any worker starts.
+    check(load_config(config_name, overrides), recipe_schema(script))
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return _launch(launcher_args, script)

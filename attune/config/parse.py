@@ -1,0 +1,100 @@
+"""The entry point of a recipe script: ``--config NAME-OR-FILE [key=value ...] [~key ...]``.
+
+A recipe is a plain Python script that ends with::
+
+    @config.parse(SCHEMA)
+    def recipe_main(cfg: DictConfig) -> None:
+        ...
+
+    if __name__ == "__main__":
+        recipe_main()
+
+so the same file runs as ``python recipe.py --config c.yaml``, in-process under ``tune run``,
+and as the entry point of every worker that torchrun starts. The decorator reads the
+arguments, loads and checks the config against the recipe's schema, and runs the recipe
+under :func:`attune.errors.exit_on_user_error`, so a user mistake anywhere in the run ends
+it with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig
+
+from attune.config.loading import load_config
+from attune.config.validation import Schema, check
+from attune.errors import ConfigError, exit_on_user_error
+
+RecipeMain = Callable[[DictConfig], Any]
+RECIPE_MARK = "__attune_recipe__"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message}; usage: {self.format_usage().strip()}")
+
+
+def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> tuple[str, list[str]]:
+    """Split a recipe's arguments into the config name and the overrides.
+
+    Raises:
+        ConfigError: ``--config`` is missing or an unknown ``--option`` is given.
+    """
+    parser = _ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--config", required=True, help="built-in config name or YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value to set, ~key to delete")
+    args, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        raise ConfigError(
+            f"{prog}: unknown option {unknown[0]}; a recipe takes --config and key=value overrides"
+        )
+    return args.config, list(args.overrides)
+
+
+def _error_prefix() -> str:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"error [rank {os.environ.get('RANK', '?')}]"
+    return "error"
+
+
+def parse(schema: Schema | RecipeMain | None = None) -> Any:
+    """Decorate a recipe's main function; see the module docstring.
+
+    Usable as ``@parse``, ``@parse()`` or ``@parse(SCHEMA)``. The returned entry point takes
+    an optional ``argv`` (default ``sys.argv[1:]``) and keeps the schema and the undecorated
+    function as attributes ``schema`` and ``recipe_main``.
+    """
+    if callable(schema) and not isinstance(schema, Mapping):
+        return parse(None)(schema)
+
+    def decorate(recipe_main: RecipeMain) -> Callable[..., Any]:
+        @functools.wraps(recipe_main)
+        def entry(argv: Sequence[str] | None = None) -> Any:
+            with exit_on_user_error(_error_prefix()):
+                prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "recipe"
+                name, overrides = recipe_arguments(sys.argv[1:] if argv is None else argv, prog)
+                cfg = load_config(name, overrides)
+                check(cfg, schema)
+                return recipe_main(cfg)
+
+        entry.schema = schema  # type: ignore[attr-defined]
+        entry.recipe_main = recipe_main  # type: ignore[attr-defined]
+        setattr(entry, RECIPE_MARK, True)
+        return entry
+
+    return decorate
+
+
+def find_recipe_entry(namespace: Mapping[str, Any]) -> Any | None:
+    """The ``@parse``-decorated entry point among a module's globals, if there is one."""
+    for value in namespace.values():
+        if callable(value) and getattr(value, RECIPE_MARK, False):
+            return value
+    return None

@@ -1,0 +1,331 @@
+"""Checking a config before any work: every problem found at once, each with where it is.
+
+Two sources of truth are checked:
+
+* **Components** (anywhere in the tree): the ``_component_`` path imports, and the node's keys
+  bind to the component's signature: no unknown argument (with the closest name as a hint),
+  no required argument missing, and values of the annotated simple types (``int``, ``float``,
+  ``str``, ``bool``, ``Literal``, optionals, lists, mappings).
+* **The recipe's schema** (top level): the keys a recipe reads, their types, which are
+  required, and which components it builds, with the arguments it passes itself at call
+  time (a dataset is given the tokenizer, an optimizer the parameters). A top-level key the
+  schema does not know is an error unless the config uses it in an interpolation
+  (``${model_dir}``): such keys are the config's own variables.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import os
+import pathlib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from attune.config.files import COMPONENT_KEY, iter_paths
+from attune.config.instantiate import PARTIAL_KEY, RESERVED_KEYS, import_component, signature_of
+from attune.config.loading import source_of
+from attune.errors import ConfigError
+from attune.suggest import did_you_mean
+
+
+@dataclass(frozen=True)
+class Field:
+    """A plain top-level key a recipe reads.
+
+    Args:
+        type: the expected type (``int``, ``float | None``, ``Literal["a", "b"]``, ...).
+        required: whether the config must give it; optional keys have a default in the recipe.
+    """
+
+    type: Any = object
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Component:
+    """A top-level component node a recipe instantiates.
+
+    Args:
+        required: whether the config must give it (an optional one may be absent or null).
+        provided: argument names the recipe passes at call time, so the config need not.
+    """
+
+    required: bool = True
+    provided: tuple[str, ...] = ()
+
+
+class _MustExist:
+    """Marker in :data:`ExistingPath`: validation checks that the path exists."""
+
+    def __repr__(self) -> str:
+        return "existing path"
+
+
+ExistingPath = Annotated[str, _MustExist()]
+"""Annotate a component argument or schema field that names an input file or folder; a
+config that gives a path that does not exist is reported before the run starts."""
+
+Schema = Mapping[str, "type | Field | Component | Any"]
+"""What a recipe reads: key -> a type (a required field), a :class:`Field` or a :class:`Component`."""
+
+_UNRESOLVED = object()
+_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        return _type_name(annotation.__origin__)
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def type_mismatch(value: Any, annotation: Any) -> bool:
+    """Whether a config value plainly does not fit a type annotation.
+
+    Only types a YAML value can be checked against are judged; anything else (a torch.dtype,
+    a callable, a class of the user's) passes, since the component itself will say.
+    """
+    if annotation in (inspect.Parameter.empty, Any, object) or isinstance(annotation, str):
+        return False
+    if typing.get_origin(annotation) is Annotated:
+        return type_mismatch(value, annotation.__origin__)
+    if annotation is None or annotation is type(None):
+        return value is not None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return all(type_mismatch(value, member) for member in args)
+    if origin is Literal:
+        return value not in args
+    if annotation is bool:
+        return not isinstance(value, bool)
+    if annotation is int:
+        return not isinstance(value, int) or isinstance(value, bool)
+    if annotation is float:
+        return not isinstance(value, int | float) or isinstance(value, bool)
+    if annotation is str:
+        return not isinstance(value, str)
+    if annotation in (pathlib.Path, os.PathLike) or origin is os.PathLike:
+        return not isinstance(value, str)
+    container = origin or annotation
+    if container in (list, tuple, set, frozenset, collections.abc.Sequence):
+        if not isinstance(value, list):
+            return True
+        item_type = args[0] if args and (container is not tuple or args[-1] is Ellipsis) else None
+        return item_type is not None and any(type_mismatch(item, item_type) for item in value)
+    if container in (dict, collections.abc.Mapping):
+        return not isinstance(value, dict)
+    return False
+
+
+def missing_path(value: Any, annotation: Any) -> str | None:
+    """The path a value names if its annotation is :data:`ExistingPath` and it does not exist."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            path = missing_path(value, member)
+            if path is not None:
+                return path
+        return None
+    if typing.get_origin(annotation) is not Annotated or not isinstance(value, str):
+        return None
+    if any(isinstance(m, _MustExist) for m in annotation.__metadata__):
+        if not os.path.exists(os.path.expanduser(value)):
+            return value
+    return None
+
+
+def _type_problem(value: Any, annotation: Any, expectation: str) -> str | None:
+    """Why ``value`` does not fit ``annotation`` (wrong type or missing path), or None."""
+    if type_mismatch(value, annotation):
+        return f"{expectation} {_type_name(annotation)}, got {_describe(value)}"
+    path = missing_path(value, annotation)
+    if path is not None:
+        return f"file or folder not found: {path}"
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _type_hints(component: Any) -> dict[str, Any]:
+    target = component.__init__ if inspect.isclass(component) else component
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # annotations naming things we cannot import: judge none of them
+        return {}
+
+
+def _resolved_tree(cfg: DictConfig, problems: list[tuple[str, str]]) -> Any:
+    """The config as plain data with interpolations resolved; a value that fails is reported."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+
+    def resolve(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict):
+            return {k: resolve(v, f"{prefix}{k}.") for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, f"{prefix}{i}.") for i, v in enumerate(node)]
+        key = prefix[:-1]
+        if node == "???":
+            problems.append((key, f"value is missing (???); set it with {key}=..."))
+            return _UNRESOLVED
+        if isinstance(node, str) and "${" in node:
+            try:
+                value = OmegaConf.select(cfg, key, throw_on_missing=True)
+            except MissingMandatoryValue as error:
+                problems.append((key, f"interpolation {node} points at a missing value: {error.msg}"))
+                return _UNRESOLVED
+            except OmegaConfBaseException as error:
+                message = getattr(error, "msg", None) or str(error)
+                problems.append((key, f"cannot resolve {node}: {message.splitlines()[0]}"))
+                return _UNRESOLVED
+            if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+                return OmegaConf.to_container(value, resolve=True)
+            return value
+        return node
+
+    return resolve(raw, "")
+
+
+def _check_component(
+    node: dict[str, Any], key: str, provided: tuple[str, ...], problems: list[tuple[str, str]]
+) -> None:
+    path = node[COMPONENT_KEY]
+    where = f"{key}.{COMPONENT_KEY}" if key else COMPONENT_KEY
+    try:
+        component = import_component(path)
+    except ConfigError as error:
+        problems.append((where, str(error)))
+        return
+    signature = signature_of(component)
+    if signature is None:
+        return
+    parameters = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {
+        name: p
+        for name, p in parameters.items()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+    hints = _type_hints(component)
+    arguments = {k: v for k, v in node.items() if k not in RESERVED_KEYS}
+    for name, value in arguments.items():
+        child = f"{key}.{name}" if key else name
+        if name not in named:
+            if not takes_any:
+                hint = did_you_mean(name, named)
+                problems.append((child, f"{path} takes no argument '{name}'{hint}"))
+            continue
+        if value is _UNRESOLVED or isinstance(value, dict) and COMPONENT_KEY in value:
+            continue
+        annotation = hints.get(name, named[name].annotation)
+        problem = _type_problem(value, annotation, f"{path} expects")
+        if problem:
+            problems.append((child, problem))
+    if node.get(PARTIAL_KEY):
+        return
+    for name, parameter in named.items():
+        if (
+            parameter.default is inspect.Parameter.empty
+            and name not in arguments
+            and name not in provided
+        ):
+            problems.append(
+                (key, f"{path} needs argument '{name}'; add {key}.{name}: ... to the config")
+            )
+
+
+def _check_schema(
+    tree: dict[str, Any], raw: dict[str, Any], schema: Schema, problems: list[tuple[str, str]]
+) -> dict[str, tuple[str, ...]]:
+    """Check top-level keys against the recipe's schema; return each component's provided args."""
+    variables = set()
+    for _, value in iter_paths(raw):
+        if isinstance(value, str):
+            variables.update(_INTERPOLATION.findall(value))
+    for key in tree:
+        if key not in schema and key not in variables:
+            hint = did_you_mean(key, schema)
+            problems.append((key, f"unknown key '{key}'{hint} (the recipe does not read it)"))
+    provided: dict[str, tuple[str, ...]] = {}
+    for key, spec in schema.items():
+        present = key in tree and tree[key] is not None
+        if isinstance(spec, Component):
+            provided[key] = spec.provided
+            if not present and spec.required:
+                problems.append(("", f"missing component '{key}'; add {key}: {{_component_: ...}}"))
+            elif present and tree[key] is not _UNRESOLVED and not (
+                isinstance(tree[key], dict) and COMPONENT_KEY in tree[key]
+            ):
+                problems.append(
+                    (key, f"'{key}' must be a component node with '{COMPONENT_KEY}', got {_describe(tree[key])}")
+                )
+            continue
+        field = spec if isinstance(spec, Field) else Field(spec)
+        if key not in tree:
+            if field.required:
+                problems.append(("", f"missing key '{key}' ({_type_name(field.type)}); add {key}: ..."))
+            continue
+        problem = None
+        if tree[key] is not _UNRESOLVED:
+            problem = _type_problem(tree[key], field.type, f"'{key}' must be")
+        if problem:
+            problems.append((key, problem))
+    return provided
+
+
+def validate(cfg: DictConfig, schema: Schema | None = None) -> list[str]:
+    """Every problem in ``cfg``, one message each, prefixed with where it is.
+
+    Args:
+        cfg: a config, normally from :func:`attune.config.load_config` (which knows the file
+            and line of each key; any DictConfig works, with less precise locations).
+        schema: the top-level keys the recipe reads; without it only components are checked.
+
+    Returns:
+        Messages like ``"run.yaml:12: optimizer.lrr: torch.optim.AdamW takes no argument
+        'lrr'; did you mean 'lr'?"``. Empty when the config is fine.
+    """
+    found: list[tuple[str, str]] = []
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    tree = _resolved_tree(cfg, found)
+    provided = _check_schema(tree, raw, schema, found) if schema is not None else {}
+    if isinstance(tree, dict) and COMPONENT_KEY in tree:
+        _check_component(tree, "", (), found)
+    for key, value in iter_paths(tree):
+        if isinstance(value, dict) and COMPONENT_KEY in value:
+            _check_component(value, key, provided.get(key, ()), found)
+
+    messages = []
+    for key, message in found:
+        where = source_of(cfg, key) if key else None
+        prefix = f"{where}: " if where else ""
+        label = f"{key}: " if key and f"'{key}'" not in message else ""
+        messages.append(f"{prefix}{label}{message}")
+    return messages
+
+
+def check(cfg: DictConfig, schema: Schema | None = None) -> None:
+    """Raise one :class:`ConfigError` listing every problem :func:`validate` finds."""
+    raise_problems(validate(cfg, schema))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` for these problems, one per line; nothing if none."""
+    if len(problems) == 1:
+        raise ConfigError(f"config: {problems[0]}")
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(f"config has {len(problems)} problems:\n{listing}")

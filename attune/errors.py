@@ -1,0 +1,63 @@
+"""User-facing errors: a mistake in what the user gave us ends the run with one clear message.
+
+Every module raises :class:`AttuneError` (or a subclass) for a problem the user can fix: a
+broken config, a missing file, a malformed dataset row. The ``tune`` command line and every
+recipe entry point run under :func:`exit_on_user_error`, which prints the message, without a
+traceback, and exits with status 1. A traceback is shown only when asked for, with
+``tune --debug`` or the ``ATTUNE_DEBUG=1`` environment variable (which torchrun passes on
+to every worker process). Anything else that escapes is a bug in attune and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+
+DEBUG_ENV = "ATTUNE_DEBUG"
+
+
+class AttuneError(Exception):
+    """A mistake in the user's input, explained in the message: what, where, how to fix.
+
+    The message is normally one line. An error that gathers several problems at once (config
+    validation) puts one problem on each line.
+    """
+
+
+class ConfigError(AttuneError):
+    """A config file, override or component that cannot be loaded, merged or instantiated."""
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks were asked for (``--debug`` or ``ATTUNE_DEBUG``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def format_user_error(error: AttuneError, prefix: str = "error") -> str:
+    """The text printed for a user error: ``"<prefix>: <message>"``."""
+    return f"{prefix}: {error}"
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prefix: str = "error") -> Iterator[None]:
+    """Turn an :class:`AttuneError` into its message on stderr and ``exit(1)``.
+
+    A ``KeyboardInterrupt`` that reaches here exits with status 130 and no traceback; code
+    that must save work on an interrupt handles it before it gets this far.
+    """
+    try:
+        yield
+    except AttuneError as error:
+        if debug_enabled():
+            traceback.print_exc()
+        print(format_user_error(error, prefix), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"{prefix}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

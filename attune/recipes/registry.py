@@ -1,0 +1,36 @@
+"""The recipes ``tune`` knows by name, each with its script and its built-in configs.
+
+A ``*_single_device`` recipe and its ``*_distributed`` twin are one script registered twice:
+the script runs on one device in-process, or on many under torchrun. Configs are named by
+their path under ``configs/`` without the suffix (``tiny/lora``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe.
+
+    Args:
+        name: what users type after ``tune run``.
+        script: the script's file name in ``attune/recipes/``.
+        configs: names of the built-in configs made for it.
+    """
+
+    name: str
+    script: str
+    configs: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return RECIPE_DIR / self.script
+
+
+# Recipes land here as they are built; a name is listed only once its script works end to end.
+RECIPES: tuple[Recipe, ...] = ()
