@@ -71,9 +71,7 @@ def recipe_schema(script: Path) -> Schema | None:
             f"{error.filename}:{error.lineno}: syntax error in recipe: {error.msg}"
         ) from None
     except Exception as error:
-        raise AttuneError(
-            f"cannot load recipe {script}: {type(error).__name__}: {error}"
-        ) from None
+        raise AttuneError(f"cannot load recipe {script}: {type(error).__name__}: {error}") from None
     finally:
         sys.path.remove(str(script.parent.resolve()))
     entry = find_recipe_entry(namespace)

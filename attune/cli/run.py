@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def _single_node_without_rendezvous(args: object) -> bool:
     )
 
 
+def _exit_status(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
 def _launch(launcher_args: object, script: Path) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run as torchrun
@@ -57,14 +67,18 @@ def _launch(launcher_args: object, script: Path) -> int:
     try:
         torchrun(launcher_args)
     except ChildFailedError as error:
-        # Workers stopped by torchrun after another failed have negative (signal) codes.
-        failed = {rank: f for rank, f in error.failures.items() if f.exitcode > 0}
-        failed = failed or error.failures
-        rank = min(failed)
-        others = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        # torchrun stops the surviving workers with SIGTERM after one fails: report the
+        # worker that failed on its own.
+        failures = sorted(
+            error.failures.items(),
+            key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]),
+        )
+        rank, failure = failures[0]
+        others = len(failures) - 1
+        stopped = f" ({others} other worker(s) stopped)" if others else ""
         raise AttuneError(
-            f"worker rank {rank}{others} failed: exit code {failed[rank].exitcode} "
-            "(the worker's own error is printed above)"
+            f"worker rank {rank} failed with {_exit_status(failure.exitcode)}{stopped}; "
+            "its own error is printed above"
         ) from None
     return 0
 

@@ -14,7 +14,15 @@ from attune.config.files import BUILTIN_CONFIG_DIR, builtin_config_names, resolv
 from attune.config.instantiate import import_component, instantiate, is_component
 from attune.config.loading import load_config, source_of
 from attune.config.parse import find_recipe_entry, parse, recipe_arguments
-from attune.config.validation import Component, ExistingPath, Field, Schema, check, raise_problems, validate
+from attune.config.validation import (
+    Component,
+    ExistingPath,
+    Field,
+    Schema,
+    check,
+    raise_problems,
+    validate,
+)
 
 __all__ = [
     "BUILTIN_CONFIG_DIR",

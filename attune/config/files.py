@@ -56,7 +56,7 @@ def parse_yaml_value(text: str) -> Any:
     Text that is not valid YAML on its own (``a: b: c``) stays a plain string.
     """
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 

@@ -44,24 +44,22 @@ def import_component(path: Any) -> Any:
     parts = path.split(".")
     module = None
     found = 0
-    for end in range(len(parts), 0, -1):
+    # Import the longest prefix that is a module, shortest first, so that a module which
+    # fails while importing is named as the one that failed.
+    for end in range(1, len(parts) + 1):
         name = ".".join(parts[:end])
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            # Only "this very module is missing" means try a shorter prefix; a module that
-            # exists but imports something missing is a real failure to report as such.
-            missing = error.name or ""
-            if name != missing and not name.startswith(missing + "."):
-                raise ConfigError(f"cannot import '{path}': {error}") from None
-            continue
+            if error.name == name:  # not a module: the rest are attributes
+                break
+            raise ConfigError(f"cannot import '{path}': {error}") from None
         except Exception as error:
             raise ConfigError(
                 f"cannot import '{path}': importing module '{name}' failed: "
                 f"{type(error).__name__}: {error}"
             ) from None
         found = end
-        break
     if module is None:
         raise ConfigError(f"cannot import '{path}': no module named '{parts[0]}'")
     obj: Any = module
@@ -155,7 +153,11 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     where = _node_key(node)
     plain = _to_plain(node, where)
     if not is_component(plain):
-        raise ConfigError(f"{where}: expected a component node with '{COMPONENT_KEY}', got {plain!r}")
-    config_kwargs = {k: _build(v, f"{where}.{k}") for k, v in plain.items() if k not in RESERVED_KEYS}
+        raise ConfigError(
+            f"{where}: expected a component node with '{COMPONENT_KEY}', got {plain!r}"
+        )
+    config_kwargs = {
+        k: _build(v, f"{where}.{k}") for k, v in plain.items() if k not in RESERVED_KEYS
+    }
     config_kwargs.update(kwargs)
     return _call(plain[COMPONENT_KEY], args, config_kwargs, bool(plain.get(PARTIAL_KEY)), where)

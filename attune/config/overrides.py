@@ -76,7 +76,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sou
         elif isinstance(parent, dict):
             last_key = last
         else:
-            raise ConfigError(f"override '{override}': '{key.rsplit('.', 1)[0]}' is not a mapping")
+            raise ConfigError(
+                f"override '{override}': '{key.rsplit('.', 1)[0]}' is a value, not a mapping"
+            )
 
         origin = f"command line '{override}'"
         if text is None:

@@ -38,7 +38,10 @@ RECIPE_MARK = "__attune_recipe__"
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{self.prog}: {message}; usage: {self.format_usage().strip()}")
+        raise ConfigError(
+            f"{self.prog}: {message}; usage: {self.prog} --config NAME-OR-FILE "
+            "[key=value ...] [~key ...]"
+        )
 
 
 def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> tuple[str, list[str]]:

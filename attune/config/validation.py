@@ -137,10 +137,8 @@ def missing_path(value: Any, annotation: Any) -> str | None:
         return None
     if typing.get_origin(annotation) is not Annotated or not isinstance(value, str):
         return None
-    if any(isinstance(m, _MustExist) for m in annotation.__metadata__):
-        if not os.path.exists(os.path.expanduser(value)):
-            return value
-    return None
+    must_exist = any(isinstance(m, _MustExist) for m in annotation.__metadata__)
+    return value if must_exist and not os.path.exists(os.path.expanduser(value)) else None
 
 
 def _type_problem(value: Any, annotation: Any, expectation: str) -> str | None:
@@ -185,7 +183,9 @@ def _resolved_tree(cfg: DictConfig, problems: list[tuple[str, str]]) -> Any:
             try:
                 value = OmegaConf.select(cfg, key, throw_on_missing=True)
             except MissingMandatoryValue as error:
-                problems.append((key, f"interpolation {node} points at a missing value: {error.msg}"))
+                problems.append(
+                    (key, f"interpolation {node} points at a missing value: {error.msg}")
+                )
                 return _UNRESOLVED
             except OmegaConfBaseException as error:
                 message = getattr(error, "msg", None) or str(error)
@@ -228,7 +228,7 @@ def _check_component(
                 hint = did_you_mean(name, named)
                 problems.append((child, f"{path} takes no argument '{name}'{hint}"))
             continue
-        if value is _UNRESOLVED or isinstance(value, dict) and COMPONENT_KEY in value:
+        if value is _UNRESOLVED or (isinstance(value, dict) and COMPONENT_KEY in value):
             continue
         annotation = hints.get(name, named[name].annotation)
         problem = _type_problem(value, annotation, f"{path} expects")
@@ -266,17 +266,24 @@ def _check_schema(
             provided[key] = spec.provided
             if not present and spec.required:
                 problems.append(("", f"missing component '{key}'; add {key}: {{_component_: ...}}"))
-            elif present and tree[key] is not _UNRESOLVED and not (
-                isinstance(tree[key], dict) and COMPONENT_KEY in tree[key]
+            elif (
+                present
+                and tree[key] is not _UNRESOLVED
+                and not (isinstance(tree[key], dict) and COMPONENT_KEY in tree[key])
             ):
                 problems.append(
-                    (key, f"'{key}' must be a component node with '{COMPONENT_KEY}', got {_describe(tree[key])}")
+                    (
+                        key,
+                        f"'{key}' must be a component node with '{COMPONENT_KEY}', got {_describe(tree[key])}",
+                    )
                 )
             continue
         field = spec if isinstance(spec, Field) else Field(spec)
         if key not in tree:
             if field.required:
-                problems.append(("", f"missing key '{key}' ({_type_name(field.type)}); add {key}: ..."))
+                problems.append(
+                    ("", f"missing key '{key}' ({_type_name(field.type)}); add {key}: ...")
+                )
             continue
         problem = None
         if tree[key] is not _UNRESOLVED:

@@ -25,17 +25,24 @@ SCHEMA = {
 @config.parse(SCHEMA)
 def recipe_main(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, rank_sum = 0, 0
-    if world_size > 1:
-        dist.init_process_group("gloo")
+    if world_size == 1:
+        return report(cfg, rank=0, world_size=1, rank_sum=0)
+    # A gloo group still alive at interpreter exit can abort the process: always destroy it.
+    dist.init_process_group("gloo")
+    try:
         rank = dist.get_rank()
         total = torch.tensor([rank])
         dist.all_reduce(total)
-        rank_sum = int(total.item())
+        report(cfg, rank, world_size, int(total.item()))
+    finally:
+        dist.destroy_process_group()
+
+
+def report(cfg, rank, world_size, rank_sum):
     if cfg.get("fail_on_rank") == rank:
         raise AttuneError(f"asked to fail on rank {rank}")
     model = config.instantiate(cfg.get("model"))
-    report = {
+    result = {
         "rank": rank,
         "world_size": world_size,
         "rank_sum": rank_sum,
@@ -43,10 +50,8 @@ def recipe_main(cfg):
         "model": repr(model),
     }
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.output_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    (Path(cfg.output_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     print(f"rank {rank} of {world_size}: {cfg.message}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
