@@ -11,6 +11,7 @@ once, not by every worker.
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import signal
@@ -39,7 +40,7 @@ def _run_in_process(script: Path, script_args: list[str]) -> int:
     return 0
 
 
-def _single_node_without_rendezvous(args: object) -> bool:
+def _single_node_without_rendezvous(args: argparse.Namespace) -> bool:
     return (
         str(args.nnodes) in ("1", "1:1")
         and not args.rdzv_endpoint
@@ -57,7 +58,7 @@ def _exit_status(code: int) -> str:
         return f"signal {-code}"
 
 
-def _launch(launcher_args: object, script: Path) -> int:
+def _launch(launcher_args: argparse.Namespace, script: Path) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run as torchrun
 

@@ -73,7 +73,7 @@ ExistingPath = Annotated[str, _MustExist()]
 """Annotate a component argument or schema field that names an input file or folder; a
 config that gives a path that does not exist is reported before the run starts."""
 
-Schema = Mapping[str, "type | Field | Component | Any"]
+Schema = Mapping[str, Any]
 """What a recipe reads: key -> a type (a required field), a :class:`Field` or a :class:`Component`."""
 
 _UNRESOLVED = object()

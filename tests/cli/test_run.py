@@ -12,6 +12,14 @@ CONFIG = str(ASSETS / "report_rank.yaml")
 QUIET = {"OMP_NUM_THREADS": "1"}
 
 
+def run_two_workers(output_dir, *overrides):
+    """``tune run --nproc_per_node 2`` of the test recipe."""
+    return run_tune(
+        "run", "--nproc_per_node", "2", RECIPE, "--config", CONFIG,
+        f"output_dir={output_dir}", *overrides, env=QUIET,
+    )  # fmt: skip
+
+
 def reports(folder):
     return sorted(
         (json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["rank"]
@@ -40,16 +48,7 @@ def test_users_recipe_file_runs_through_the_real_command(tmp_path):
 
 
 def test_nproc_per_node_2_launches_two_gloo_processes(tmp_path):
-    result = run_tune(
-        "run",
-        "--nproc_per_node",
-        "2",
-        RECIPE,
-        "--config",
-        CONFIG,
-        f"output_dir={tmp_path}",
-        env=QUIET,
-    )
+    result = run_two_workers(tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.splitlines()) == [
         f"rank 0 of 2: hello from {tmp_path}",
@@ -62,17 +61,7 @@ def test_nproc_per_node_2_launches_two_gloo_processes(tmp_path):
 
 
 def test_a_failing_worker_is_reported_by_rank(tmp_path):
-    result = run_tune(
-        "run",
-        "--nproc_per_node",
-        "2",
-        RECIPE,
-        "--config",
-        CONFIG,
-        f"output_dir={tmp_path}",
-        "fail_on_rank=1",
-        env=QUIET,
-    )
+    result = run_two_workers(tmp_path, "fail_on_rank=1")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "error [rank 1]: asked to fail on rank 1" in result.stderr.splitlines()
@@ -83,17 +72,7 @@ def test_a_failing_worker_is_reported_by_rank(tmp_path):
 
 
 def test_config_mistakes_are_caught_once_before_workers_start(tmp_path):
-    result = run_tune(
-        "run",
-        "--nproc_per_node",
-        "2",
-        RECIPE,
-        "--config",
-        CONFIG,
-        f"output_dir={tmp_path}",
-        "mesage=hi",
-        env=QUIET,
-    )
+    result = run_two_workers(tmp_path, "mesage=hi")
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "command line 'mesage=hi'", "did you mean 'message'?")
     assert not list(tmp_path.glob("rank*.json"))
