@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+_SUFFIXES = {".py": (".py",), ".yaml": (".yaml", ".yml")}
+
+
 def _source(name: str) -> tuple[Path, str, str]:
     """(file to copy, suffix, default file stem) for a recipe or config name."""
     recipe = find_recipe(name)
@@ -44,10 +48,10 @@ def _source(name: str) -> tuple[Path, str, str]:
 def run(args: argparse.Namespace) -> int:
     source, suffix, stem = _source(args.name)
     destination = Path(args.destination).expanduser()
-    if destination.is_dir():
+    if destination.is_dir() or args.destination.endswith(("/", os.sep)):
         destination = destination / f"{stem}{suffix}"
-    elif not destination.suffix:
-        destination = destination.with_suffix(suffix)
+    elif destination.suffix not in _SUFFIXES[suffix]:  # `my_v1.2` gets `my_v1.2.yaml`
+        destination = destination.with_name(destination.name + suffix)
     if destination.exists() and not args.force:
         raise AttuneError(f"{destination} already exists; pass --force to overwrite it")
     if not destination.parent.exists():

@@ -68,5 +68,10 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     except OSError as error:
         raise AttuneError(f"cannot download '{args.repo_id}': {error}") from None
+    except ValueError as error:  # huggingface_hub's check of the id's form
+        reason = str(error).splitlines()[0]
+        raise AttuneError(
+            f"'{args.repo_id}' is not a valid Hub repository id (like org/name): {reason}"
+        ) from None
     print(f"downloaded {args.repo_id} to {folder}")
     return 0

@@ -6,16 +6,28 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from attune import __version__
 from attune.cli import cat, cp, download, ls, validate
 from attune.cli.run import USAGE as RUN_USAGE
 from attune.cli.run import run_command
-from attune.errors import DEBUG_ENV, exit_on_user_error
+from attune.errors import DEBUG_ENV, AttuneError, exit_on_user_error
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a misuse reported as one user-error line like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        raise AttuneError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _is_override(token: str) -> bool:
+    return token.startswith("~") or ("=" in token and not token.startswith("-"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tune",
         description="attune: post-training recipes for large language models.",
         epilog="Tracebacks are hidden for user errors; --debug or ATTUNE_DEBUG=1 shows them.",
@@ -36,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, run one command and exit with its status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv[: argv.index("run") if "run" in argv else len(argv)]:
-        argv.remove("--debug")
+    if "--debug" in argv:  # accepted anywhere: no command or recipe has an option of that name
+        argv = [a for a in argv if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"  # inherited by torchrun's workers
     with exit_on_user_error():
         if argv and argv[0] == "run":
             raise SystemExit(run_command(argv[1:]))
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # Overrides may follow options (`tune cat c.yaml --resolved seed=2`), as in torchtune.
+        args, extra = parser.parse_known_args(argv)
+        if extra and hasattr(args, "overrides") and all(_is_override(t) for t in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if not hasattr(args, "handler"):
             parser.print_help()
             raise SystemExit(2)

@@ -3,9 +3,9 @@
 A config is a YAML mapping. It may name one or more configs it extends under ``base:`` (a
 path relative to the file, or a built-in name such as ``llama3_2/1B_lora``); the bases are
 merged first, in order, and the file's own keys on top. Merging is deep, as in OmegaConf and
-Hydra, with one exception: when a file gives a component node (one with ``_component_``) whose
-component differs from the base's, the node replaces the base's node whole, because the base's
-arguments belong to the other component.
+Hydra: a mapping in the file updates the base's mapping key by key. A mapping marked
+``_replace_: true`` replaces the base's node whole instead (for swapping a component whose
+arguments differ: validation names any leftover argument the new component does not take).
 
 Alongside the merged data, the loader keeps a *source map*: for every dotted key, the file
 and line it came from (or the command-line override that set it), so that validation can say
@@ -28,13 +28,23 @@ BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "confi
 CONFIG_SUFFIXES = (".yaml", ".yml")
 BASE_KEY = "base"
 COMPONENT_KEY = "_component_"
+REPLACE_KEY = "_replace_"
 
 SourceMap = dict[str, str]
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-4`` as a float (YAML 1.1 alone wants ``1.0e-4``)."""
+    """PyYAML's safe loader, typed as OmegaConf types YAML.
 
+    ``1e-4`` is a float (YAML 1.1 alone wants ``1.0e-4``), and ``2024-01-01`` stays a string
+    (OmegaConf has no date type).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -88,12 +98,11 @@ def resolve_config(name_or_path: str | Path, relative_to: Path | None = None) ->
         ConfigError: nothing by that name exists.
     """
     text = str(name_or_path)
-    candidates = [Path(text).expanduser()]
-    if relative_to is not None and not Path(text).is_absolute():
-        candidates.insert(0, relative_to / text)
-    for path in candidates:
-        if path.is_file():
-            return path
+    path = Path(text).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path
     if Path(text).suffix not in CONFIG_SUFFIXES:
         builtin = builtin_config_path(text)
         if builtin is not None:
@@ -103,7 +112,7 @@ def resolve_config(name_or_path: str | Path, relative_to: Path | None = None) ->
             f"no config named '{text}'{hint} (neither a file nor a built-in config; "
             "`tune ls` lists the built-in ones)"
         )
-    raise ConfigError(f"config file not found: {candidates[0]}")
+    raise ConfigError(f"config file not found: {path}")
 
 
 def _dotted(prefix: str, key: Any) -> str:
@@ -115,8 +124,12 @@ def _node_lines(node: yaml.Node, prefix: str, path: Path, out: SourceMap) -> Non
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(
+                    f"{path}:{line}: a key must be a plain name, not a list or mapping"
+                )
+            key = key_node.value
             if key in seen:
                 raise ConfigError(
                     f"{path}:{line}: key '{_dotted(prefix, key)}' is given twice "
@@ -144,6 +157,10 @@ def read_yaml_file(path: Path) -> tuple[dict[str, Any], SourceMap]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {error.start}); save the config as UTF-8"
+        ) from None
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -184,15 +201,12 @@ def merge_into(
     """Deep-merge ``top`` over ``base`` (see the module docstring), updating ``sources``."""
     merged = dict(base)
     for key, value in top.items():
+        if key == REPLACE_KEY:
+            continue
         dotted = _dotted(prefix, key)
         old = merged.get(key)
-        same_component = not (
-            isinstance(value, Mapping)
-            and COMPONENT_KEY in value
-            and isinstance(old, Mapping)
-            and old.get(COMPONENT_KEY) != value[COMPONENT_KEY]
-        )
-        if isinstance(value, Mapping) and isinstance(old, Mapping) and same_component:
+        replace = isinstance(value, Mapping) and value.get(REPLACE_KEY) is True
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and not replace:
             if dotted in top_sources:
                 sources[dotted] = top_sources[dotted]
             merged[key] = merge_into(dict(old), value, sources, top_sources, dotted)
@@ -201,8 +215,17 @@ def merge_into(
             sources.update(
                 {k: v for k, v in top_sources.items() if k == dotted or k.startswith(dotted + ".")}
             )
-            merged[key] = value
+            merged[key] = strip_replace_marks(value)
     return merged
+
+
+def strip_replace_marks(value: Any) -> Any:
+    """``value`` without ``_replace_`` keys (they only steer merging, at any depth)."""
+    if isinstance(value, Mapping):
+        return {k: strip_replace_marks(v) for k, v in value.items() if k != REPLACE_KEY}
+    if isinstance(value, list):
+        return [strip_replace_marks(v) for v in value]
+    return value
 
 
 def _base_names(data: dict[str, Any], sources: SourceMap, path: Path) -> list[str]:

@@ -32,6 +32,25 @@ def is_component(node: Any) -> bool:
     return isinstance(node, Mapping | DictConfig) and COMPONENT_KEY in node
 
 
+def _import_module(name: str, path: str, missing_ok: bool) -> Any:
+    """Import module ``name``; None if it does not exist (when ``missing_ok``).
+
+    A module that exists but fails while importing (a missing dependency, an error at import
+    time) is reported as that failure, not as a missing name.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if missing_ok and error.name == name:
+            return None
+        raise ConfigError(f"cannot import '{path}': {error}") from None
+    except Exception as error:
+        raise ConfigError(
+            f"cannot import '{path}': importing module '{name}' failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
 def import_component(path: Any) -> Any:
     """Import the object a ``_component_`` names, e.g. ``torch.optim.AdamW``.
 
@@ -42,35 +61,25 @@ def import_component(path: Any) -> Any:
     if not isinstance(path, str) or not path or path.startswith(".") or ".." in path:
         raise ConfigError(f"'{path}' is not a dotted import path like 'torch.optim.AdamW'")
     parts = path.split(".")
-    module = None
-    found = 0
-    # Import the longest prefix that is a module, shortest first, so that a module which
-    # fails while importing is named as the one that failed.
-    for end in range(1, len(parts) + 1):
-        name = ".".join(parts[:end])
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:  # not a module: the rest are attributes
-                break
-            raise ConfigError(f"cannot import '{path}': {error}") from None
-        except Exception as error:
-            raise ConfigError(
-                f"cannot import '{path}': importing module '{name}' failed: "
-                f"{type(error).__name__}: {error}"
-            ) from None
-        found = end
-    if module is None:
+    obj: Any = _import_module(parts[0], path, missing_ok=True)
+    if obj is None:
         raise ConfigError(f"cannot import '{path}': no module named '{parts[0]}'")
-    obj: Any = module
-    for depth in range(found, len(parts)):
+    # Walk the path as Hydra does: an attribute first (a function re-exported by a package
+    # wins over a submodule of the same name), then a submodule.
+    for depth in range(1, len(parts)):
         attribute = parts[depth]
-        if not hasattr(obj, attribute):
+        if hasattr(obj, attribute):
+            obj = getattr(obj, attribute)
+            continue
+        submodule = None
+        if inspect.ismodule(obj):
+            submodule = _import_module(".".join(parts[: depth + 1]), path, missing_ok=True)
+        if submodule is None:
             owner = ".".join(parts[:depth])
             names = [n for n in dir(obj) if not n.startswith("_")]
             hint = did_you_mean(attribute, names)
             raise ConfigError(f"cannot import '{path}': '{owner}' has no '{attribute}'{hint}")
-        obj = getattr(obj, attribute)
+        obj = submodule
     if not callable(obj):
         raise ConfigError(f"'{path}' is a {type(obj).__name__}, not a class or function")
     return obj

@@ -29,7 +29,11 @@ def _remember(cfg: DictConfig, sources: SourceMap) -> None:
 
 
 def sources_of(cfg: Any) -> SourceMap:
-    """The source map of a config made by :func:`load_config` (empty for any other object)."""
+    """The source map of a config made by :func:`load_config` (empty for any other object).
+
+    Locations belong to that very object: a copy or a merge of it has none, and messages
+    about it then name the key without the file and line.
+    """
     entry = _SOURCES.get(id(cfg))
     if entry is None or entry[0]() is not cfg:
         return {}
@@ -65,6 +69,7 @@ def load_config(config: str | Path, overrides: Sequence[str] = ()) -> DictConfig
     try:
         cfg = OmegaConf.create(data)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{config}: {error}") from None
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{config}: {message}") from None
     _remember(cfg, sources)
     return cfg

@@ -86,7 +86,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sou
                 hint = did_you_mean(last, parent)
                 raise ConfigError(f"override '{override}': no key '{key}' to delete{hint}")
             del parent[last_key]
-            drop_sources(sources, key)
+            if isinstance(parent, list):
+                # Later items move up one place: forget their lines rather than misname them.
+                list_key = key.rpartition(".")[0]
+                list_source = sources.get(list_key)
+                drop_sources(sources, list_key)
+                if list_source is not None:
+                    sources[list_key] = list_source
+            else:
+                drop_sources(sources, key)
             continue
 
         value = "" if text == "" else parse_yaml_value(text)

@@ -18,11 +18,9 @@ it with one line.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,35 +28,44 @@ from omegaconf import DictConfig
 
 from attune.config.loading import load_config
 from attune.config.validation import Schema, check
-from attune.errors import ConfigError, exit_on_user_error
+from attune.errors import DEBUG_ENV, ConfigError, exit_on_user_error
 
 RecipeMain = Callable[[DictConfig], Any]
 RECIPE_MARK = "__attune_recipe__"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(
-            f"{self.prog}: {message}; usage: {self.prog} --config NAME-OR-FILE "
-            "[key=value ...] [~key ...]"
-        )
-
-
 def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> tuple[str, list[str]]:
-    """Split a recipe's arguments into the config name and the overrides.
+    """Split a recipe's arguments into the config name and the overrides, in any order.
 
     Raises:
-        ConfigError: ``--config`` is missing or an unknown ``--option`` is given.
+        ConfigError: ``--config`` is missing or given no value, or an unknown option is given.
     """
-    parser = _ArgumentParser(prog=prog, add_help=False)
-    parser.add_argument("--config", required=True, help="built-in config name or YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value to set, ~key to delete")
-    args, unknown = parser.parse_known_args(list(argv))
-    if unknown:
-        raise ConfigError(
-            f"{prog}: unknown option {unknown[0]}; a recipe takes --config and key=value overrides"
-        )
-    return args.config, list(args.overrides)
+    usage = f"usage: {prog} --config NAME-OR-FILE [key=value ...] [~key ...]"
+    config: str | None = None
+    overrides: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "--config":
+            if index + 1 == len(tokens):
+                raise ConfigError(f"{prog}: --config needs a config name or file; {usage}")
+            config = tokens[index + 1]
+            index += 2
+            continue
+        if token.startswith("--config="):
+            config = token.split("=", 1)[1]
+        elif token.startswith("-"):
+            raise ConfigError(
+                f"{prog}: unknown option {token}; a recipe takes --config and key=value "
+                "overrides (torchrun options such as --nproc_per_node go before the recipe)"
+            )
+        else:
+            overrides.append(token)
+        index += 1
+    if not config:
+        raise ConfigError(f"{prog}: --config is required; {usage}")
+    return config, overrides
 
 
 def _error_prefix() -> str:
@@ -82,7 +89,11 @@ def parse(schema: Schema | RecipeMain | None = None) -> Any:
         def entry(argv: Sequence[str] | None = None) -> Any:
             with exit_on_user_error(_error_prefix()):
                 prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "recipe"
-                name, overrides = recipe_arguments(sys.argv[1:] if argv is None else argv, prog)
+                arguments = list(sys.argv[1:] if argv is None else argv)
+                if "--debug" in arguments:  # `python recipe.py ... --debug`
+                    arguments = [a for a in arguments if a != "--debug"]
+                    os.environ[DEBUG_ENV] = "1"
+                name, overrides = recipe_arguments(arguments, prog)
                 cfg = load_config(name, overrides)
                 check(cfg, schema)
                 return recipe_main(cfg)

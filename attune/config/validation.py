@@ -130,15 +130,20 @@ def type_mismatch(value: Any, annotation: Any) -> bool:
 def missing_path(value: Any, annotation: Any) -> str | None:
     """The path a value names if its annotation is :data:`ExistingPath` and it does not exist."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
-        for member in typing.get_args(annotation):
-            path = missing_path(value, member)
-            if path is not None:
-                return path
+        members = typing.get_args(annotation)
+        # ``ExistingPath | str`` (a file or a Hub id): a plain member that fits wins.
+        if any(not _is_existing_path(m) and not type_mismatch(value, m) for m in members):
+            return None
+        return next((value for m in members if missing_path(value, m) is not None), None)
+    if not _is_existing_path(annotation) or not isinstance(value, str):
         return None
-    if typing.get_origin(annotation) is not Annotated or not isinstance(value, str):
-        return None
-    must_exist = any(isinstance(m, _MustExist) for m in annotation.__metadata__)
-    return value if must_exist and not os.path.exists(os.path.expanduser(value)) else None
+    return None if os.path.exists(os.path.expanduser(value)) else value
+
+
+def _is_existing_path(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is Annotated and any(
+        isinstance(m, _MustExist) for m in annotation.__metadata__
+    )
 
 
 def _type_problem(value: Any, annotation: Any, expectation: str) -> str | None:
@@ -200,8 +205,13 @@ def _resolved_tree(cfg: DictConfig, problems: list[tuple[str, str]]) -> Any:
 
 
 def _check_component(
-    node: dict[str, Any], key: str, provided: tuple[str, ...], problems: list[tuple[str, str]]
+    node: dict[str, Any],
+    key: str,
+    provided: tuple[str, ...] | None,
+    problems: list[tuple[str, str]],
 ) -> None:
+    """Check one component node; ``provided`` None means the recipe's call-time arguments are
+    unknown, so required arguments the node leaves out are not reported."""
     path = node[COMPONENT_KEY]
     where = f"{key}.{COMPONENT_KEY}" if key else COMPONENT_KEY
     try:
@@ -230,11 +240,13 @@ def _check_component(
             continue
         if value is _UNRESOLVED or (isinstance(value, dict) and COMPONENT_KEY in value):
             continue
+        if value is None and named[name].default is None:  # `x: int = None` takes None
+            continue
         annotation = hints.get(name, named[name].annotation)
         problem = _type_problem(value, annotation, f"{path} expects")
         if problem:
             problems.append((child, problem))
-    if node.get(PARTIAL_KEY):
+    if node.get(PARTIAL_KEY) or provided is None:
         return
     for name, parameter in named.items():
         if (
@@ -245,6 +257,37 @@ def _check_component(
             problems.append(
                 (key, f"{path} needs argument '{name}'; add {key}.{name}: ... to the config")
             )
+
+
+def _is_component_or_list(value: Any) -> bool:
+    """A component node, or a list of them (several datasets, several loggers)."""
+    if isinstance(value, list):
+        return bool(value) and all(_is_component_or_list(v) for v in value)
+    return isinstance(value, dict) and COMPONENT_KEY in value
+
+
+def _walk_components(
+    node: Any,
+    key: str,
+    provided: tuple[str, ...] | None,
+    problems: list[tuple[str, str]],
+) -> None:
+    """Check every component under ``node``; ``provided`` as in :func:`_check_component`."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _walk_components(item, f"{key}.{index}", provided, problems)
+        return
+    if not isinstance(node, dict):
+        return
+    is_component = COMPONENT_KEY in node
+    if is_component:
+        _check_component(node, key, provided, problems)
+    for child, value in node.items():
+        if child in RESERVED_KEYS:
+            continue
+        # instantiate() builds nested components from their config keys alone
+        child_provided: tuple[str, ...] | None = () if is_component else provided
+        _walk_components(value, f"{key}.{child}", child_provided, problems)
 
 
 def _check_schema(
@@ -266,11 +309,7 @@ def _check_schema(
             provided[key] = spec.provided
             if not present and spec.required:
                 problems.append(("", f"missing component '{key}'; add {key}: {{_component_: ...}}"))
-            elif (
-                present
-                and tree[key] is not _UNRESOLVED
-                and not (isinstance(tree[key], dict) and COMPONENT_KEY in tree[key])
-            ):
+            elif present and tree[key] is not _UNRESOLVED and not _is_component_or_list(tree[key]):
                 problems.append(
                     (
                         key,
@@ -309,11 +348,8 @@ def validate(cfg: DictConfig, schema: Schema | None = None) -> list[str]:
     raw = OmegaConf.to_container(cfg, resolve=False)
     tree = _resolved_tree(cfg, found)
     provided = _check_schema(tree, raw, schema, found) if schema is not None else {}
-    if isinstance(tree, dict) and COMPONENT_KEY in tree:
-        _check_component(tree, "", (), found)
-    for key, value in iter_paths(tree):
-        if isinstance(value, dict) and COMPONENT_KEY in value:
-            _check_component(value, key, provided.get(key, ()), found)
+    for key, value in tree.items():
+        _walk_components(value, str(key), provided.get(key), found)
 
     messages = []
     for key, message in found:

@@ -34,3 +34,39 @@ def test_unreachable_endpoint_is_one_clear_line(tmp_path):
     )
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "Hugging Face Hub is not reachable")
+
+
+def fake_snapshot_download(calls):
+    def snapshot_download(repo_id, **kwargs):
+        calls.append({"repo_id": repo_id, **kwargs})
+        return kwargs["local_dir"] or "/cache/models--org--model/snapshots/abc"
+
+    return snapshot_download
+
+
+def test_arguments_reach_huggingface_hub(tune, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download(calls))
+    code, out, _ = tune("download", "org/model", "--output-dir", str(tmp_path), "--hf-token", "t")
+    assert code == 0 and out == f"downloaded org/model to {tmp_path}\n"
+    assert calls[-1] == {
+        "repo_id": "org/model",
+        "local_dir": str(tmp_path),
+        "ignore_patterns": ["original/*"],  # Meta's duplicate raw weights, skipped by default
+        "revision": None,
+        "token": "t",
+    }
+    tune("download", "org/model", "--ignore-patterns", "*.pth", "*.bin", "--revision", "v1")
+    assert calls[-1]["ignore_patterns"] == ["*.pth", "*.bin"]
+    assert calls[-1]["local_dir"] is None and calls[-1]["revision"] == "v1"
+    tune("download", "org/model", "--ignore-patterns")
+    assert calls[-1]["ignore_patterns"] is None  # the option alone: download everything
+
+
+def test_malformed_repo_id_is_one_line(tune):
+    code, _, err = tune("download", "a/b/c")
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: 'a/b/c' is not a valid Hub repository id (like org/name)")

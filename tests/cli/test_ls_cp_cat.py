@@ -102,3 +102,26 @@ def test_cat_unknown_config(tune, catalog):
 def test_every_shipped_config_validates(tune, name):
     code, _, err = tune("validate", name)
     assert code == 0, err
+
+
+def test_cp_to_a_new_folder_with_a_slash_and_to_a_dotted_name(tune, catalog, tmp_path):
+    code, _, _ = tune("cp", "--make-parents", "test/report", f"{tmp_path}/new/")
+    assert code == 0 and (tmp_path / "new" / "report.yaml").read_text() == REPORT_CONFIG
+    code, _, _ = tune("cp", "test/report", str(tmp_path / "my_v1.2"))
+    assert code == 0 and (tmp_path / "my_v1.2.yaml").is_file()
+
+
+def test_cat_resolved_resolves_interpolations_and_overrides_may_follow_options(tune, catalog):
+    code, out, _ = tune("cat", "test/report", "--resolved", "output_dir=/data/run")
+    assert code == 0
+    assert "message: hello from /data/run" in out.splitlines()
+
+
+def test_command_line_misuse_is_one_line(tune, catalog):
+    code, _, err = tune("cp", "test/report")
+    assert code == 1
+    assert err == (
+        "error: tune cp: the following arguments are required: destination (see `tune cp --help`)\n"
+    )
+    code, _, err = tune("cat", "test/report", "--resolvd")
+    assert code == 1 and err.startswith("error: tune: unrecognized arguments: --resolvd")

@@ -83,7 +83,7 @@ def test_config_mistakes_are_caught_once_before_workers_start(tmp_path):
     [
         (["no_such_recipe", "--config", CONFIG], "no recipe named 'no_such_recipe'"),
         (["missing.py", "--config", CONFIG], "recipe file not found: missing.py"),
-        ([RECIPE], "the following arguments are required: --config"),
+        ([RECIPE], "--config is required"),
         ([RECIPE, "--config", "nowhere.yaml"], "config file not found: nowhere.yaml"),
         ([RECIPE, "--config", CONFIG, "oops"], "override 'oops' is not key=value"),
     ],

@@ -31,8 +31,9 @@ def test_problems_are_listed_together(tune, catalog):
 
 
 def test_recipe_option_takes_a_users_file(tune, write):
-    path = write("mine.yaml", "output_dir: /tmp/x\nmesage: hi\n")
-    code, _, err = tune("validate", str(path), "--recipe", str(ASSETS / "report_rank_recipe.py"))
+    path = write("mine.yaml", "output_dir: /tmp/x\n")
+    recipe = str(ASSETS / "report_rank_recipe.py")
+    code, _, err = tune("validate", str(path), "--recipe", recipe, "mesage=hi")
     assert code == 1
     assert "unknown key 'mesage'; did you mean 'message'?" in err
     assert "missing key 'message' (str)" in err
@@ -50,12 +51,10 @@ def test_without_a_recipe_components_are_still_checked(tune, write):
     path = write("mine.yaml", "head:\n  _component_: torch.nn.Linear\n  in_features: wide\n")
     code, _, err = tune("validate", str(path))
     assert code == 1
-    assert err.splitlines() == [
-        "error: config has 2 problems:",
-        f"  {path}:3: head.in_features: torch.nn.Linear expects int, got 'wide' (str)",
-        f"  {path}:1: head: torch.nn.Linear needs argument 'out_features'; add "
-        "head.out_features: ... to the config",
-    ]
+    assert (
+        err
+        == f"error: config: {path}:3: head.in_features: torch.nn.Linear expects int, got 'wide' (str)\n"
+    )
 
 
 def test_yaml_syntax_error_through_the_real_command(tmp_path):

@@ -40,3 +40,11 @@ def wrap(inner: object, scale: float = 1.0) -> dict:
 
 def anything(**kwargs: object) -> dict:
     return kwargs
+
+
+def takes_none_default(max_seq_len: int = None) -> int | None:  # noqa: RUF013 - on purpose
+    return max_seq_len
+
+
+def local_or_hub(source: ExistingPath | str) -> str:
+    return source

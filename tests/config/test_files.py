@@ -108,7 +108,7 @@ def test_base_by_builtin_name_and_list_of_bases_in_order(tmp_path, monkeypatch, 
     assert OmegaConf.to_container(cfg) == {"a": 1, "b": 2, "c": 3}
 
 
-def test_changing_a_component_in_a_child_replaces_the_node(write):
+def test_child_changing_a_component_deep_merges_unless_marked_replace(write):
     write(
         "base.yaml",
         """
@@ -118,8 +118,8 @@ def test_changing_a_component_in_a_child_replaces_the_node(write):
           train_on_input: false
         """,
     )
-    child = write(
-        "child.yaml",
+    merged = write(
+        "merged.yaml",
         """
         base: base.yaml
         dataset:
@@ -127,12 +127,49 @@ def test_changing_a_component_in_a_child_replaces_the_node(write):
           source: my.jsonl
         """,
     )
-    cfg = load_config(str(child))
+    # as in OmegaConf and Hydra: the base's other arguments stay (validation names leftovers)
+    assert OmegaConf.to_container(load_config(str(merged)).dataset) == {
+        "_component_": "pkg.chat_dataset",
+        "source": "my.jsonl",
+        "train_on_input": False,
+    }
+    replaced = write(
+        "replaced.yaml",
+        """
+        base: base.yaml
+        dataset:
+          _replace_: true
+          _component_: pkg.chat_dataset
+          source: my.jsonl
+        """,
+    )
+    cfg = load_config(str(replaced))
     assert OmegaConf.to_container(cfg.dataset) == {
         "_component_": "pkg.chat_dataset",
         "source": "my.jsonl",
     }
-    assert source_of(cfg, "dataset.train_on_input") == f"{child}:2"  # falls back to the node
+    assert source_of(cfg, "dataset.train_on_input") == f"{replaced}:2"  # falls back to the node
+
+
+def test_dates_stay_strings_and_odd_files_are_one_line(write, tmp_path):
+    cfg = load_config(str(write("d.yaml", "run_name: 2024-01-01\n")), ["tag=2024-05-01"])
+    assert cfg.run_name == "2024-01-01" and cfg.tag == "2024-05-01"
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 9\)"):
+        load_config(str(latin1))
+    with pytest.raises(ConfigError, match=r"k.yaml:1: a key must be a plain name"):
+        load_config(str(write("k.yaml", "? [a, b]\n: 1\n")))
+
+
+def test_base_is_looked_up_beside_the_file_not_in_the_working_directory(
+    write, tmp_path, monkeypatch
+):
+    write("cwd/common.yaml", "x: 1\n")
+    child = write("configs/child.yaml", "base: common.yaml\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(ConfigError, match=r"configs/common.yaml"):
+        load_config(str(child))
 
 
 def test_base_cycle_and_missing_base_are_reported(write):

@@ -38,7 +38,7 @@ def test_bare_decorator_works(run_file):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["steps=5"], "the following arguments are required: --config"),
+        (["steps=5"], "--config is required"),
         (["--config", "RUN", "--lr", "1"], "unknown option --lr"),
         (["--config", "RUN", "steps=five"], "'steps' must be int, got 'five' (str)"),
     ],
@@ -71,3 +71,28 @@ def test_user_errors_during_the_run_are_one_line_with_the_rank(run_file, capsys,
     with pytest.raises(SystemExit):
         recipe_main(["--config", run_file])
     assert capsys.readouterr().err == "error [rank 1]: data.jsonl:3: malformed JSON line\n"
+
+
+def test_overrides_may_come_before_and_after_the_config(run_file):
+    assert config.recipe_arguments(["a=1", "--config", run_file, "~b", "c=2"]) == (
+        run_file,
+        ["a=1", "~b", "c=2"],
+    )
+    assert config.recipe_arguments([f"--config={run_file}"]) == (run_file, [])
+
+
+def test_launcher_options_after_the_recipe_get_a_hint():
+    with pytest.raises(AttuneError, match="torchrun options such as --nproc_per_node go before"):
+        config.recipe_arguments(["--config", "c.yaml", "--nproc_per_node", "2"])
+
+
+def test_debug_after_the_config_shows_tracebacks(run_file, capsys, monkeypatch):
+    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+
+    @config.parse(SCHEMA)
+    def recipe_main(cfg):
+        raise AttuneError("bad row")
+
+    with pytest.raises(SystemExit):
+        recipe_main(["--config", run_file, "--debug"])
+    assert "Traceback" in capsys.readouterr().err

@@ -129,12 +129,60 @@ def test_broken_interpolation_and_missing_value(write):
     assert f"{path}:15: run_name: value is missing (???); set it with run_name=..." in problems
 
 
-def test_without_a_schema_only_components_are_checked(write):
-    path = write("n.yaml", "anything: 1\nm:\n  _component_: tests.config.components.build_model\n")
+def test_without_a_schema_required_arguments_of_top_level_components_are_not_judged(write):
+    # Without the recipe's schema we cannot know what it passes at call time (an optimizer's
+    # params), so only unknown arguments, types and nested components are judged.
+    path = write(
+        "n.yaml",
+        """
+        optimizer:
+          _component_: torch.optim.AdamW
+          lr: 2e-5
+        m:
+          _component_: tests.config.components.wrap
+          inner:
+            _component_: tests.config.components.build_model
+            hiden: 3
+        """,
+    )
     assert validate(load_config(str(path))) == [
-        f"{path}:2: m: tests.config.components.build_model needs argument 'num_layers'; "
-        "add m.num_layers: ... to the config"
+        f"{path}:8: m.inner.hiden: tests.config.components.build_model takes no argument "
+        "'hiden'; did you mean 'hidden'?",
+        f"{path}:6: m.inner: tests.config.components.build_model needs argument 'num_layers'; "
+        "add m.inner.num_layers: ... to the config",
     ]
+
+
+def test_none_is_accepted_where_the_default_is_none(write):
+    path = write(
+        "none.yaml",
+        "m:\n  _component_: tests.config.components.takes_none_default\n  max_seq_len: null\n",
+    )
+    assert validate(load_config(str(path))) == []
+
+
+def test_a_list_of_components_fits_a_component_key(write, tmp_path):
+    data = write("data.jsonl", "{}\n")
+    path = write(
+        "multi.yaml",
+        GOOD
+        + f"""dataset:
+  - _component_: tests.config.components.load_dataset
+    source: {data}
+  - _component_: tests.config.components.load_dataset
+    source: {data}
+    max_seq_len: 8
+""",
+    )
+    assert validate(load_config(str(path)), SCHEMA) == []  # each item gets the tokenizer
+
+
+def test_existing_path_or_plain_string_accepts_a_hub_id(write):
+    path = write(
+        "hub.yaml",
+        "m:\n  _component_: tests.config.components.local_or_hub\n  source: org/dataset\n",
+    )
+    assert validate(load_config(str(path))) == []
 
 
 def test_partial_components_may_leave_required_arguments_out(write):
