@@ -36,8 +36,14 @@ def _split(override: str) -> tuple[str, str | None]:
     return key, value
 
 
+def _mapping_key(mapping: dict[Any, Any], part: str) -> Any:
+    """``part`` as the mapping spells it: YAML reads ``{0: 0.1}`` with an integer key."""
+    return int(part) if part.isdigit() and int(part) in mapping else part
+
+
 def _child(container: Any, part: str, override: str, dotted: str, create: bool) -> Any:
     if isinstance(container, dict):
+        part = _mapping_key(container, part)
         if part not in container:
             if not create:
                 hint = did_you_mean(part, container)
@@ -74,7 +80,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sou
             _child(parent, last, override, key, create=False)  # bounds and type check
             last_key: Any = int(last)
         elif isinstance(parent, dict):
-            last_key = last
+            last_key = _mapping_key(parent, last)
         else:
             raise ConfigError(
                 f"override '{override}': '{key.rsplit('.', 1)[0]}' is a value, not a mapping"
@@ -83,7 +89,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sou
         origin = f"command line '{override}'"
         if text is None:
             if isinstance(parent, dict) and last_key not in parent:
-                hint = did_you_mean(last, parent)
+                hint = did_you_mean(last, [str(k) for k in parent])
                 raise ConfigError(f"override '{override}': no key '{key}' to delete{hint}")
             del parent[last_key]
             if isinstance(parent, list):

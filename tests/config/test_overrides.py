@@ -93,3 +93,9 @@ def test_malformed_overrides_are_one_clear_error(config_file, override, message)
     with pytest.raises(ConfigError, match=message) as error:
         load_config(config_file, [override])
     assert "\n" not in str(error.value)
+
+
+def test_integer_keys_are_reached_by_their_digits(write):
+    path = write("int_keys.yaml", "lr_per_layer:\n  0: 0.1\n  1: 0.2\n")
+    cfg = load_config(str(path), ["lr_per_layer.0=0.5", "~lr_per_layer.1"])
+    assert OmegaConf.to_container(cfg.lr_per_layer) == {0: 0.5}
