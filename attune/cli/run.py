@@ -17,6 +17,7 @@ import runpy
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from attune.cli.catalog import recipe_schema, recipe_script
 from attune.config import check, load_config, recipe_arguments
@@ -94,6 +95,11 @@ def run_command(argv: list[str]) -> int:
     launched = argv[0].startswith("-")
     parser = get_args_parser()
     parser.prog = "tune run"
+
+    def one_line_error(message: str) -> NoReturn:
+        raise AttuneError(f"tune run: {message} (see `tune run --help` and `torchrun --help`)")
+
+    parser.error = one_line_error  # type: ignore[method-assign]
     launcher_args = parser.parse_args(argv)
     if launcher_args.module or launcher_args.no_python:
         raise AttuneError("tune run: --module and --no-python are not supported; give a recipe")

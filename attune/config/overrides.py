@@ -1,5 +1,8 @@
 """Command-line overrides: ``a.b=value`` sets (typed as YAML), ``~a.b`` deletes.
 
+A key that is not in the config yet is added. Hydra's spellings ``+a.b=value`` (add) and
+``++a.b=value`` (add or set) are accepted and mean the same as ``a.b=value``.
+
 Setting a component node to a plain string swaps its component and keeps its other
 arguments, as torchtune does: ``model=attune.models.qwen2_5_0_5b`` on a node
 ``model: {_component_: attune.models.llama3_2_1b, ...}`` sets ``model._component_``. Any
@@ -29,6 +32,7 @@ def _split(override: str) -> tuple[str, str | None]:
             raise ConfigError(f"override '{override}': deleting takes no value; {_HELP}")
     elif "=" in override:
         key, value = override.split("=", 1)
+        key = key.removeprefix("++").removeprefix("+")
     else:
         raise ConfigError(f"override '{override}' is not key=value; {_HELP}")
     if not _KEY.match(key):

@@ -213,7 +213,7 @@ def _check_component(
     """Check one component node; ``provided`` None means the recipe's call-time arguments are
     unknown, so required arguments the node leaves out are not reported."""
     path = node[COMPONENT_KEY]
-    where = f"{key}.{COMPONENT_KEY}" if key else COMPONENT_KEY
+    where = f"{key}.{COMPONENT_KEY}"
     try:
         component = import_component(path)
     except ConfigError as error:
@@ -232,7 +232,7 @@ def _check_component(
     hints = _type_hints(component)
     arguments = {k: v for k, v in node.items() if k not in RESERVED_KEYS}
     for name, value in arguments.items():
-        child = f"{key}.{name}" if key else name
+        child = f"{key}.{name}"
         if name not in named:
             if not takes_any:
                 hint = did_you_mean(name, named)

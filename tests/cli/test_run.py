@@ -94,6 +94,15 @@ def test_bad_invocations_are_one_line(tune, argv, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_launcher_misuse_is_one_line(tune):
+    code, _, err = tune("run", "--nproc_per_node")
+    assert code == 1
+    assert err == (
+        "error: tune run: argument --nproc-per-node/--nproc_per_node: expected one argument "
+        "(see `tune run --help` and `torchrun --help`)\n"
+    )
+
+
 def test_unknown_recipe_name_suggests(tune, catalog):
     code, _, err = tune("run", "report_rank_single_devise", "--config", "test/report")
     assert code == 1

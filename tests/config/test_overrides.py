@@ -41,6 +41,11 @@ def test_nested_set_creates_missing_levels_and_indexes_lists(config_file):
     assert list(cfg.layers) == ["a", "z", "c"]
 
 
+def test_hydra_plus_prefixes_are_accepted(config_file):
+    cfg = load_config(config_file, ["+new_key=1", "++seed=9"])
+    assert cfg.new_key == 1 and cfg.seed == 9
+
+
 def test_value_may_contain_equals_and_interpolation(config_file):
     cfg = load_config(config_file, ["note=a=b", "log_dir=${output_dir}/logs"])
     assert cfg.note == "a=b"
