@@ -61,3 +61,7 @@ def exit_on_user_error(prefix: str = "error") -> Iterator[None]:
             traceback.print_exc()
         print(f"{prefix}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+class CheckpointError(AttuneError):
+    """A checkpoint folder or file that cannot be read: missing, corrupt, or not matching."""

@@ -1,0 +1,9 @@
+"""Checkpoint storage: reading and writing safetensors weights in the Hugging Face layout.
+
+This package knows files, not models: :mod:`attune.models` maps the tensors it reads onto a
+decoder.
+"""
+
+from attune.checkpoint.safetensors_io import iter_safetensors, weight_files
+
+__all__ = ["iter_safetensors", "weight_files"]

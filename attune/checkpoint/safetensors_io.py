@@ -1,0 +1,68 @@
+"""Reading HF weight folders: one ``model.safetensors``, or shards listed in an index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from attune.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights, in a stable order.
+
+    Raises:
+        CheckpointError: the folder is missing, has no safetensors weights, or its index
+            names a shard that is not there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise CheckpointError(f"{index} names shard {path.name}, which is not in {folder}")
+        return files
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt*")
+    )
+    if pickled:
+        raise CheckpointError(
+            f"{folder} has only pickled weights ({', '.join(pickled[:3])}); attune loads "
+            "safetensors only, since unpickling can run arbitrary code. Convert them with "
+            "transformers (from_pretrained, then save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """Every tensor in these files, memory-mapped, as ``(name, file, tensor)``.
+
+    Raises:
+        CheckpointError: a file is corrupt or truncated.
+    """
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, path, handle.get_tensor(name)
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({error})") from None

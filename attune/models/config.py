@@ -1,0 +1,67 @@
+"""The shape of a decoder: every family maps its HF ``config.json`` onto this one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DecoderConfig:
+    """Everything a :class:`~attune.models.decoder.TransformerDecoder` is built from.
+
+    Args:
+        vocab_size: rows of the embedding and the output projection.
+        hidden_size: model width.
+        intermediate_size: width of the gated MLP.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (fewer than ``num_heads`` for grouped-query attention).
+        head_dim: width of one head (not always ``hidden_size // num_heads``).
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling: HF-style RoPE scaling parameters (``{"rope_type": "llama3", ...}``), or None.
+        max_seq_len: longest sequence the model is meant for (HF ``max_position_embeddings``).
+        tie_embeddings: the output projection shares the embedding's weight.
+        attention_bias: q/k/v projections carry a bias (Qwen2).
+        output_bias: the attention output projection carries a bias.
+        mlp_bias: the MLP projections carry biases.
+        qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
+        sliding_windows: per layer, how many past tokens a query may see (None: all).
+        activation: the MLP's gate activation (``silu``).
+        hf_config: the checkpoint's own ``config.json``, kept to write it back unchanged.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    output_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: list[int | None] | None = None
+    activation: str = "silu"
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.sliding_windows is None:
+            self.sliding_windows = [None] * self.num_layers
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError(
+                f"sliding_windows has {len(self.sliding_windows)} entries for "
+                f"{self.num_layers} layers"
+            )

@@ -1,0 +1,82 @@
+"""One decoder for every supported family: embeddings, N layers, final norm, output projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attune.models.config import DecoderConfig
+from attune.models.layers import DecoderLayer, RMSNorm
+from attune.models.masks import attention_mask, positions_from_document_ids
+from attune.models.rope import RotaryEmbedding
+
+
+class TransformerDecoder(nn.Module):
+    """A decoder-only transformer language model.
+
+    Attribute names match HF's ``*ForCausalLM`` without the ``model.`` prefix, so weights map by
+    name. With ``tie_embeddings`` the output projection is the embedding matrix itself.
+
+    Args:
+        config: the model's shape; see :class:`DecoderConfig`.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection when the config says so."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """
+        Args:
+            tokens: ``[batch, seq]`` token ids.
+            positions: ``[batch, seq]`` RoPE positions; by default ``0..seq-1``, or restarting
+                at each document when ``document_ids`` is given.
+            document_ids: ``[batch, seq]`` for packed rows: attention stays within a document.
+            padding_mask: ``[batch, seq]`` bool, True for real tokens.
+            return_hidden: return the final normed hidden states instead of logits, so a loss
+                can apply the output projection in chunks.
+
+        Returns:
+            Logits ``[batch, seq, vocab]``, or hidden states ``[batch, seq, hidden]``.
+        """
+        batch, seq = tokens.shape
+        if positions is None:
+            if document_ids is not None:
+                positions = positions_from_document_ids(document_ids)
+            else:
+                positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        rope = self.rotary(positions)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            window = layer.self_attn.sliding_window
+            if window not in masks:
+                masks[window] = attention_mask(
+                    seq,
+                    document_ids=document_ids,
+                    padding_mask=padding_mask,
+                    sliding_window=window if window is not None and window < seq else None,
+                    device=tokens.device,
+                )
+            x = layer(x, rope, masks[window])
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

@@ -1,0 +1,163 @@
+"""Model families: how each HF ``model_type`` maps its ``config.json`` onto a DecoderConfig.
+
+A family registers with :func:`register_family`, giving the function that reads its config and,
+when its checkpoint names differ from the decoder's, the key maps both ways. Llama-shaped
+families need no key map: the decoder's names are HF's without the ``model.`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attune.errors import CheckpointError
+from attune.models.config import DecoderConfig
+from attune.suggest import did_you_mean
+
+StateDict = dict[str, torch.Tensor]
+HF_PREFIX = "model."
+
+
+def llama_keys_from_hf(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.self_attn.q_proj.weight``."""
+    return name.removeprefix(HF_PREFIX)
+
+
+def llama_keys_to_hf(name: str) -> str:
+    """The inverse of :func:`llama_keys_from_hf`."""
+    return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one family registers.
+
+    Args:
+        model_types: the HF ``model_type`` values it reads.
+        config_from_hf: HF ``config.json`` (a dict) -> DecoderConfig.
+        key_from_hf: HF tensor name -> decoder parameter name.
+        key_to_hf: decoder parameter name -> HF tensor name.
+    """
+
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[dict[str, Any]], DecoderConfig]
+    key_from_hf: Callable[[str], str] = llama_keys_from_hf
+    key_to_hf: Callable[[str], str] = llama_keys_to_hf
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(
+    *model_types: str,
+    key_from_hf: Callable[[str], str] = llama_keys_from_hf,
+    key_to_hf: Callable[[str], str] = llama_keys_to_hf,
+) -> Callable[
+    [Callable[[dict[str, Any]], DecoderConfig]], Callable[[dict[str, Any]], DecoderConfig]
+]:
+    """Register the decorated ``config_from_hf`` function for these HF model types."""
+
+    def decorate(
+        config_from_hf: Callable[[dict[str, Any]], DecoderConfig],
+    ) -> Callable[[dict[str, Any]], DecoderConfig]:
+        family = Family(model_types, config_from_hf, key_from_hf, key_to_hf)
+        for model_type in model_types:
+            FAMILIES[model_type] = family
+        return config_from_hf
+
+    return decorate
+
+
+def family_of(hf_config: dict[str, Any]) -> Family:
+    """The family that reads this ``config.json``.
+
+    Raises:
+        CheckpointError: no ``model_type``, or one no family registered.
+    """
+    model_type = hf_config.get("model_type")
+    if model_type is None:
+        raise CheckpointError("config.json has no 'model_type'; is this a Hugging Face model?")
+    if model_type not in FAMILIES:
+        hint = did_you_mean(str(model_type), FAMILIES)
+        raise CheckpointError(
+            f"model_type '{model_type}' is not supported{hint} (supported: "
+            f"{', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type]
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` keys."""
+    parameters = hf.get("rope_parameters")
+    if parameters:
+        theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return float(theta), None if kind == "default" else {**scaling, "rope_type": kind}
+
+
+def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    if hf.get("use_sliding_window") is False:
+        return [None] * num_layers
+    if hf.get("use_sliding_window"):  # Qwen2 before transformers 5
+        first = hf.get("max_window_layers", num_layers)
+        return [window if i >= first else None for i in range(num_layers)]
+    return [window] * num_layers
+
+
+def llama_shaped_config(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
+    """A DecoderConfig from the keys every Llama-shaped ``config.json`` shares."""
+    heads = hf["num_attention_heads"]
+    layers = hf["num_hidden_layers"]
+    theta, scaling = _rope(hf)
+    fields: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        output_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_windows=_sliding_windows(hf, layers),
+        activation=hf.get("hidden_act", "silu"),
+        hf_config=dict(hf),
+    )
+    fields.update(overrides)
+    return DecoderConfig(**fields)
+
+
+@register_family("llama", "mistral")
+def llama_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Llama 2/3.x, SmolLM, TinyLlama and Mistral (sliding window from the config)."""
+    return llama_shaped_config(hf)
+
+
+@register_family("qwen2")
+def qwen2_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Qwen2 and Qwen2.5: biases on q/k/v, none on the output projection."""
+    return llama_shaped_config(hf, attention_bias=True, output_bias=False)
+
+
+@register_family("qwen3")
+def qwen3_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Qwen3: RMSNorm on each query and key head before RoPE."""
+    return llama_shaped_config(hf, qk_norm=True)

@@ -1,0 +1,80 @@
+"""Tiny random Hugging Face checkpoints built with transformers, the referee for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+# Each case exercises one "what differs" cell of the supported families.
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama_gqa_untied": ("LlamaConfig", {}),
+    "llama_mha_tied": ("LlamaConfig", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "llama_head_dim_and_llama3_rope": (
+        "LlamaConfig",
+        {
+            "head_dim": 24,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+    ),
+    "mistral_sliding_window": ("MistralConfig", {"sliding_window": 5, "head_dim": 16}),
+    "qwen2_tied_biases": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen2_sliding_layers": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+    "qwen3_qk_norm": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def make_checkpoint(case: str, folder: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    """Save a tiny random HF causal LM for ``case`` into ``folder``; return it (eager attention).
+
+    Weights are drawn wider than HF's init so that logits differ clearly between tokens and
+    a wrong computation cannot hide in near-uniform outputs.
+    """
+    config_class, extra = CASES[case]
+    config = getattr(transformers, config_class)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0.0, 0.15)
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def padded_batch(vocab_size: int, seq_len: int = 12, seed: int = 1):
+    """Two rows of tokens; the second is right-padded over its last 4 positions."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
+    mask = torch.ones(2, seq_len, dtype=torch.bool)
+    mask[1, -4:] = False
+    return tokens, mask
