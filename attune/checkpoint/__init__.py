@@ -4,6 +4,7 @@ This package knows files, not models: :mod:`attune.models` maps the tensors it r
 decoder.
 """
 
-from attune.checkpoint.safetensors_io import iter_safetensors, weight_files
+from attune.checkpoint.atomic import atomic_folder
+from attune.checkpoint.safetensors_io import iter_safetensors, weight_files, write_safetensors
 
-__all__ = ["iter_safetensors", "weight_files"]
+__all__ = ["atomic_folder", "iter_safetensors", "weight_files", "write_safetensors"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from attune.errors import CheckpointError
 
@@ -66,3 +67,43 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tenso
                     yield name, path, handle.get_tensor(name)
         except SafetensorError as error:
             raise CheckpointError(f"{path}: corrupt safetensors file ({error})") from None
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int | None = None
+) -> list[Path]:
+    """Write tensors as HF does: ``model.safetensors``, or numbered shards plus the index.
+
+    Args:
+        tensors: name -> tensor (contiguous copies are made where needed).
+        folder: an existing folder.
+        max_shard_bytes: split into shards no larger than this (a single tensor larger than it
+            gets a shard of its own); None writes one file.
+
+    Returns:
+        The files written.
+    """
+    folder = Path(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+        return [folder / SINGLE_FILE]
+    files, weight_map = [], {}
+    for number, shard in enumerate(shards, start=1):
+        path = folder / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path, metadata=metadata)
+        files.append(path)
+        weight_map.update(dict.fromkeys(shard, path.name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files

@@ -3,7 +3,13 @@
 from attune.models.config import DecoderConfig
 from attune.models.decoder import TransformerDecoder
 from attune.models.families import FAMILIES, register_family
-from attune.models.hf import decoder_config, from_hf_config, from_pretrained, read_hf_config
+from attune.models.hf import (
+    decoder_config,
+    from_hf_config,
+    from_pretrained,
+    read_hf_config,
+    save_pretrained,
+)
 
 __all__ = [
     "FAMILIES",
@@ -14,4 +20,5 @@ __all__ = [
     "from_pretrained",
     "read_hf_config",
     "register_family",
+    "save_pretrained",
 ]

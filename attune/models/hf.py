@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attune.checkpoint import iter_safetensors, weight_files
+from attune.checkpoint import atomic_folder, iter_safetensors, weight_files, write_safetensors
 from attune.errors import CheckpointError
 from attune.models.config import DecoderConfig
 from attune.models.decoder import TransformerDecoder
 from attune.models.families import family_of
+
+# Files a model folder carries besides its weights and config, copied from the source folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # Old checkpoints store RoPE tables; the decoder computes its own.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -94,3 +109,68 @@ def from_pretrained(
     model.rotary.inv_freq = torch.empty(0, device=device)
     model.rotary.reset_parameters()
     return model
+
+
+def _parse_size(size: int | str | None) -> int | None:
+    """``"5GB"``, ``"200MB"``, ``"40KB"`` or a byte count -> bytes (decimal units, as HF)."""
+    if size is None or isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def save_pretrained(
+    model: TransformerDecoder,
+    folder: str | Path,
+    source: str | Path | None = None,
+    max_shard_size: int | str | None = "5GB",
+) -> Path:
+    """Write ``model`` as a HF folder that transformers loads as it is.
+
+    The folder gets the checkpoint's own ``config.json`` (only the dtype updated), a
+    ``generation_config.json`` and the tokenizer files (copied from ``source`` when it has
+    them), and the weights under HF's names: one ``model.safetensors`` or shards of at most
+    ``max_shard_size`` with their index. Tied embeddings are stored once, as HF does. The
+    folder is written under a temporary name and renamed into place.
+
+    Raises:
+        CheckpointError: the model was not built from a HF config (nothing to write as
+            ``config.json``).
+    """
+    hf_config = dict(model.config.hf_config)
+    if not hf_config:
+        raise CheckpointError(
+            "this model was not built from a Hugging Face config.json, so it cannot be saved "
+            "in the HF layout; build it with attune.models.from_pretrained or from_hf_config"
+        )
+    family = family_of(hf_config)
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    tensors = {family.key_to_hf(name): tensor for name, tensor in state.items()}
+    dtype = next(iter(tensors.values())).dtype
+    # transformers 5 writes "dtype", earlier versions "torch_dtype": keep the file's spelling
+    dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"
+    hf_config[dtype_key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    source = Path(source) if source is not None else None
+    folder = Path(folder)
+    with atomic_folder(folder) as staging:
+        write_safetensors(tensors, staging, _parse_size(max_shard_size))
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = source / "generation_config.json" if source else None
+        if generation is not None and generation.is_file():
+            shutil.copyfile(generation, staging / "generation_config.json")
+        else:
+            defaults = {
+                key: hf_config[key]
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if hf_config.get(key) is not None
+            }
+            (staging / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
+        for name in TOKENIZER_FILES if source else ():
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+    return folder

@@ -1,0 +1,34 @@
+"""Atomic folder writes: a checkpoint appears whole under its name, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Write a folder under a temporary name beside ``final``, then rename it into place.
+
+    A crash or an error while writing (a full disk) leaves any earlier ``final`` untouched and
+    removes the partial folder. An existing ``final`` is replaced only after the new one is
+    complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    retired = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(retired)
+    temporary.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
