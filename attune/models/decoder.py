@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from attune.models.config import DecoderConfig
+from attune.models.kv_cache import KVCache
 from attune.models.layers import DecoderLayer, RMSNorm
 from attune.models.masks import attention_mask, positions_from_document_ids
 from attune.models.rope import RotaryEmbedding
@@ -36,6 +37,20 @@ class TransformerDecoder(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for decoding ``batch_size`` rows of up to ``max_len`` tokens."""
+        config = self.config
+        weight = self.embed_tokens.weight
+        return KVCache(
+            batch_size,
+            max_len,
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -43,15 +58,18 @@ class TransformerDecoder(nn.Module):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """
         Args:
             tokens: ``[batch, seq]`` token ids.
-            positions: ``[batch, seq]`` RoPE positions; by default ``0..seq-1``, or restarting
-                at each document when ``document_ids`` is given.
+            positions: ``[batch, seq]`` RoPE positions; by default counting on from the
+                cached tokens, or restarting at each document when ``document_ids`` is given.
             document_ids: ``[batch, seq]`` for packed rows: attention stays within a document.
-            padding_mask: ``[batch, seq]`` bool, True for real tokens.
+            padding_mask: ``[batch, cached + seq]`` bool, True for real tokens.
+            cache: a :class:`KVCache` (from :meth:`make_cache`): attention also sees the
+                cached tokens, and this pass's keys and values are added to it.
             return_hidden: return the final normed hidden states instead of logits, so a loss
                 can apply the output projection in chunks.
 
@@ -59,11 +77,12 @@ class TransformerDecoder(nn.Module):
             Logits ``[batch, seq, vocab]``, or hidden states ``[batch, seq, hidden]``.
         """
         batch, seq = tokens.shape
+        past = cache.length if cache is not None else 0
         if positions is None:
             if document_ids is not None:
                 positions = positions_from_document_ids(document_ids)
             else:
-                positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+                positions = torch.arange(past, past + seq, device=tokens.device).expand(batch, seq)
         rope = self.rotary(positions)
         masks: dict[int | None, torch.Tensor | None] = {}
         x = self.embed_tokens(tokens)
@@ -74,9 +93,12 @@ class TransformerDecoder(nn.Module):
                     seq,
                     document_ids=document_ids,
                     padding_mask=padding_mask,
-                    sliding_window=window if window is not None and window < seq else None,
+                    sliding_window=window if window is not None and window < past + seq else None,
+                    past_len=past,
                     device=tokens.device,
                 )
-            x = layer(x, rope, masks[window])
+            x = layer(x, rope, masks[window], cache)
+        if cache is not None:
+            cache.advance(seq)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)

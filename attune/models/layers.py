@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attune.models.config import DecoderConfig
+from attune.models.kv_cache import KVCache
 from attune.models.rope import apply_rope
 
 ACTIVATIONS = {
@@ -58,6 +59,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -80,13 +82,15 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """
         Args:
             x: ``[batch, seq, hidden]``.
             rope: ``(cos, sin)``, each ``[batch, seq, head_dim]``.
-            mask: ``[batch or 1, 1, seq, seq]`` bool, True where a query may attend a key;
-                None for plain causal attention.
+            mask: ``[batch or 1, 1, seq, past + seq]`` bool, True where a query may attend a
+                key; None for plain causal attention.
+            cache: past keys and values; this pass's are added to it.
 
         Returns:
             ``[batch, seq, hidden]``.
@@ -100,6 +104,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -151,7 +157,8 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``; see :class:`Attention`."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,108 @@
+"""Batched decoding with the KV cache: greedy or sampled (temperature, top-k, top-p), with stops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from attune.models.decoder import TransformerDecoder
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from ``[batch, vocab]`` logits.
+
+    Args:
+        logits: the next-token logits.
+        temperature: 0 for greedy (argmax); otherwise logits are divided by it.
+        top_k: keep only the ``top_k`` most likely tokens.
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+        generator: random source, for reproducible sampling.
+
+    Returns:
+        ``[batch]`` token ids.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probabilities = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probabilities.cumsum(dim=-1) - probabilities >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerDecoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt, decoding all of them together with one KV cache.
+
+    Prompts are padded on the left, so every row's next token sits in the last column; each
+    row's positions count its own tokens only.
+
+    Args:
+        model: the decoder.
+        prompts: token ids of each prompt.
+        max_new_tokens: the most tokens to add to each prompt.
+        temperature, top_k, top_p, generator: see :func:`sample_next`.
+        stop_tokens: a row ends after producing one of these (it is kept in the output).
+        pad_id: filler for the padding (never attended).
+
+    Returns:
+        The new tokens of each prompt, up to and including its stop token.
+    """
+    device = model.embed_tokens.weight.device
+    batch = len(prompts)
+    prompt_len = max(len(p) for p in prompts)
+    tokens = torch.full((batch, prompt_len), pad_id, dtype=torch.long, device=device)
+    padding_mask = torch.zeros(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        padding_mask[row, prompt_len - len(prompt) :] = True  # generated slots count as real
+    positions = (padding_mask[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)
+    cache = model.make_cache(batch, prompt_len + max_new_tokens)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+
+    logits = model(
+        tokens, positions=positions, padding_mask=padding_mask[:, :prompt_len], cache=cache
+    )[:, -1]
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
+        for row in range(batch):
+            if not finished[row]:
+                outputs[row].append(int(next_tokens[row]))
+        finished |= torch.isin(next_tokens, stops)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        positions = positions[:, -1:] + 1
+        logits = model(
+            next_tokens[:, None],
+            positions=positions,
+            padding_mask=padding_mask[:, : cache.length + 1],
+            cache=cache,
+        )[:, -1]
+    return outputs
