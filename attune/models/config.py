@@ -28,7 +28,15 @@ class DecoderConfig:
         mlp_bias: the MLP projections carry biases.
         qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
         sliding_windows: per layer, how many past tokens a query may see (None: all).
-        activation: the MLP's gate activation (``silu``).
+        activation: the MLP's gate activation (``silu``; ``gelu_pytorch_tanh`` for GeGLU).
+        norm_offset: RMSNorm scales by ``offset + weight`` (Gemma stores ``weight - 1``: 1.0).
+        embed_scale: the embeddings are multiplied by this (Gemma: ``sqrt(hidden_size)``).
+        sandwich_norms: norms after attention and after the MLP too, before each residual
+            add (Gemma 2 and 3).
+        attn_softcap: attention scores become ``cap * tanh(scores / cap)`` (Gemma 2).
+        final_softcap: the same on the output logits (Gemma 2).
+        query_scale: scale of the attention scores (default ``head_dim ** -0.5``).
+        local_rope_theta: RoPE base of sliding-window layers, when it differs (Gemma 3).
         hf_config: the checkpoint's own ``config.json``, kept to write it back unchanged.
     """
 
@@ -50,6 +58,13 @@ class DecoderConfig:
     qk_norm: bool = False
     sliding_windows: list[int | None] | None = None
     activation: str = "silu"
+    norm_offset: float = 0.0
+    embed_scale: float | None = None
+    sandwich_norms: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_scale: float | None = None
+    local_rope_theta: float | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -27,8 +27,14 @@ class TransformerDecoder(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        # sliding-window layers may turn at their own RoPE base (Gemma 3)
+        self.rotary_local = (
+            RotaryEmbedding(config.head_dim, config.local_rope_theta)
+            if config.local_rope_theta is not None
+            else None
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -71,7 +77,8 @@ class TransformerDecoder(nn.Module):
             cache: a :class:`KVCache` (from :meth:`make_cache`): attention also sees the
                 cached tokens, and this pass's keys and values are added to it.
             return_hidden: return the final normed hidden states instead of logits, so a loss
-                can apply the output projection in chunks.
+                can apply the output projection in chunks (and then the config's
+                ``final_softcap``, if any).
 
         Returns:
             Logits ``[batch, seq, vocab]``, or hidden states ``[batch, seq, hidden]``.
@@ -84,8 +91,12 @@ class TransformerDecoder(nn.Module):
             else:
                 positions = torch.arange(past, past + seq, device=tokens.device).expand(batch, seq)
         rope = self.rotary(positions)
+        local_rope = self.rotary_local(positions) if self.rotary_local is not None else rope
         masks: dict[int | None, torch.Tensor | None] = {}
         x = self.embed_tokens(tokens)
+        if self.config.embed_scale is not None:
+            # rounded to the activations' dtype first, as HF does
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for layer in self.layers:
             window = layer.self_attn.sliding_window
             if window not in masks:
@@ -97,8 +108,13 @@ class TransformerDecoder(nn.Module):
                     past_len=past,
                     device=tokens.device,
                 )
-            x = layer(x, rope, masks[window], cache)
+            x = layer(x, rope if window is None else local_rope, masks[window], cache)
         if cache is not None:
             cache.advance(seq)
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits

@@ -161,3 +161,72 @@ def qwen2_config(hf: dict[str, Any]) -> DecoderConfig:
 def qwen3_config(hf: dict[str, Any]) -> DecoderConfig:
     """Qwen3: RMSNorm on each query and key head before RoPE."""
     return llama_shaped_config(hf, qk_norm=True)
+
+
+def _gemma_common(hf: dict[str, Any]) -> dict[str, Any]:
+    """What every Gemma shares: (1 + weight) norms, scaled embeddings, GeGLU, tied output."""
+    return dict(
+        norm_offset=1.0,
+        embed_scale=hf["hidden_size"] ** 0.5,
+        activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def _gemma_windows(hf: dict[str, Any], is_sliding: Callable[[int], bool]) -> list[int | None]:
+    """Per-layer windows: from ``layer_types`` (transformers 5) or the family's fixed pattern."""
+    layers = hf["num_hidden_layers"]
+    if hf.get("layer_types"):
+        return _sliding_windows(hf, layers)
+    return [hf.get("sliding_window") if is_sliding(i) else None for i in range(layers)]
+
+
+@register_family("gemma")
+def gemma_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Gemma 1."""
+    return llama_shaped_config(hf, **_gemma_common(hf))
+
+
+@register_family("gemma2")
+def gemma2_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Gemma 2: sandwich norms, soft-capped attention and logits, alternating sliding layers."""
+    return llama_shaped_config(
+        hf,
+        **_gemma_common(hf),
+        sandwich_norms=True,
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=hf.get("final_logit_softcapping"),
+        query_scale=hf["query_pre_attn_scalar"] ** -0.5,
+        sliding_windows=_gemma_windows(hf, lambda i: i % 2 == 0),
+    )
+
+
+@register_family("gemma3_text")
+def gemma3_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Gemma 3 (text): Gemma 2's layout plus q/k norms and a RoPE base of its own for the
+    sliding-window layers."""
+    parameters = hf.get("rope_parameters") or {}
+    if "full_attention" in parameters:  # transformers 5: one RoPE setting per layer type
+        full = parameters["full_attention"]
+        local = parameters.get("sliding_attention", {})
+        theta, scaling = _rope({"rope_parameters": full})
+        local_theta, local_scaling = _rope({"rope_parameters": local})
+        if local_scaling is not None:
+            raise CheckpointError("gemma3_text: RoPE scaling on sliding layers is not supported")
+    else:
+        theta, scaling = _rope(hf)
+        local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    return llama_shaped_config(
+        hf,
+        **_gemma_common(hf),
+        qk_norm=True,
+        sandwich_norms=True,
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=hf.get("final_logit_softcapping"),
+        query_scale=hf["query_pre_attn_scalar"] ** -0.5,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        local_rope_theta=local_theta,
+        sliding_windows=_gemma_windows(hf, lambda i: (i + 1) % pattern != 0),
+    )

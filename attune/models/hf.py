@@ -14,6 +14,7 @@ from attune.errors import CheckpointError
 from attune.models.config import DecoderConfig
 from attune.models.decoder import TransformerDecoder
 from attune.models.families import family_of
+from attune.models.rope import RotaryEmbedding
 
 # Files a model folder carries besides its weights and config, copied from the source folder.
 TOKENIZER_FILES = (
@@ -106,8 +107,10 @@ def from_pretrained(
         raise CheckpointError(f"{path}: the weights lack {names}{more}")
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
-    model.rotary.inv_freq = torch.empty(0, device=device)
-    model.rotary.reset_parameters()
+    for module in model.modules():  # RoPE tables were built on the meta device
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = torch.empty(0, device=device)
+            module.reset_parameters()
     return model
 
 

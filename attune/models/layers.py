@@ -28,21 +28,25 @@ class RMSNorm(nn.Module):
     Args:
         dim: size of the last dimension.
         eps: added to the mean square before the square root.
+        offset: the scale is ``offset + weight`` (Gemma stores its weights minus 1).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., dim]`` -> ``[..., dim]``, in the input's dtype."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in float32, then casts
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -72,10 +76,12 @@ class Attention(nn.Module):
             self.num_heads * self.head_dim, config.hidden_size, bias=config.output_bias
         )
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.scale = config.query_scale or self.head_dim**-0.5
+        self.softcap = config.attn_softcap
 
     def forward(
         self,
@@ -106,15 +112,40 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _softcapped_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention with ``cap * tanh(scores / cap)`` scores, which SDPA cannot express.
+
+        Query heads are grouped over their shared K/V head by broadcasting, not by copying.
+        ``[batch, heads, seq, dim]`` queries -> ``[batch, heads, seq, dim]``.
+        """
+        batch, heads, seq, dim = q.shape
+        groups = heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, groups, seq, dim)
+        scores = q @ k[:, :, None].transpose(-1, -2) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:
+            keys = k.shape[2]
+            mask = torch.ones(seq, keys, dtype=torch.bool, device=q.device).tril(keys - seq)
+        mask = mask if mask.dim() == 2 else mask[:, :, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.float().softmax(dim=-1).to(q.dtype)
+        return (weights @ v[:, :, None]).view(batch, heads, seq, dim)
 
 
 class GatedMLP(nn.Module):
@@ -147,9 +178,16 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: DecoderConfig, layer_index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        norm = lambda: RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        # HF's names: with sandwich norms, post_attention_layernorm normalises the attention
+        # output; without them, it is the norm before the MLP.
+        self.post_attention_layernorm = norm()
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.sandwich_norms = config.sandwich_norms
         self.mlp = GatedMLP(config)
 
     def forward(
@@ -160,5 +198,9 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``; see :class:`Attention`."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        if not self.sandwich_norms:
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -47,6 +47,30 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     ),
     "qwen3_qk_norm": ("Qwen3Config", {"head_dim": 32}),
+    "gemma_geglu_scaled_embeddings": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2_softcaps_sandwich_sliding": (
+        "Gemma2Config",
+        {
+            "head_dim": 16,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3_local_global_rope_qk_norm": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 8.0},
+            },
+        },
+    ),
 }
 
 

@@ -18,7 +18,16 @@ def greedy_without_cache(model, prompt, steps):
     return sequence[len(prompt) :]
 
 
-@pytest.mark.parametrize("case", ["llama_gqa_untied", "mistral_sliding_window", "qwen3_qk_norm"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "llama_gqa_untied",
+        "mistral_sliding_window",
+        "qwen3_qk_norm",
+        "gemma2_softcaps_sandwich_sliding",
+        "gemma3_local_global_rope_qk_norm",
+    ],
+)
 def test_cached_batched_decoding_equals_recomputing_each_prompt(case, tmp_path):
     make_checkpoint(case, tmp_path)
     model = models.from_pretrained(tmp_path).eval()
