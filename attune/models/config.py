@@ -37,6 +37,7 @@ class DecoderConfig:
         final_softcap: the same on the output logits (Gemma 2).
         query_scale: scale of the attention scores (default ``head_dim ** -0.5``).
         local_rope_theta: RoPE base of sliding-window layers, when it differs (Gemma 3).
+        rotary_dim: how many leading dimensions of each head rotate (default: all).
         hf_config: the checkpoint's own ``config.json``, kept to write it back unchanged.
     """
 
@@ -65,6 +66,7 @@ class DecoderConfig:
     final_softcap: float | None = None
     query_scale: float | None = None
     local_rope_theta: float | None = None
+    rotary_dim: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

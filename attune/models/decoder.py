@@ -26,10 +26,11 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        rotary_dim = config.rotary_dim or config.head_dim
+        self.rotary = RotaryEmbedding(rotary_dim, config.rope_theta, config.rope_scaling)
         # sliding-window layers may turn at their own RoPE base (Gemma 3)
         self.rotary_local = (
-            RotaryEmbedding(config.head_dim, config.local_rope_theta)
+            RotaryEmbedding(rotary_dim, config.local_rope_theta)
             if config.local_rope_theta is not None
             else None
         )

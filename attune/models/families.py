@@ -1,8 +1,9 @@
 """Model families: how each HF ``model_type`` maps its ``config.json`` onto a DecoderConfig.
 
 A family registers with :func:`register_family`, giving the function that reads its config and,
-when its checkpoint names differ from the decoder's, the key maps both ways. Llama-shaped
-families need no key map: the decoder's names are HF's without the ``model.`` prefix.
+when its checkpoint differs from the decoder's layout, the tensor maps both ways. Llama-shaped
+families need none: the decoder's names are HF's without the ``model.`` prefix. Phi-3 stores
+q/k/v and gate/up fused in one tensor each, so its maps split and fuse them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,22 @@ def llama_keys_to_hf(name: str) -> str:
     return name if name.startswith("lm_head.") else HF_PREFIX + name
 
 
+TensorsFromHF = Callable[[str, torch.Tensor, DecoderConfig], list[tuple[str, torch.Tensor]]]
+StateToHF = Callable[[StateDict, DecoderConfig], StateDict]
+
+
+def llama_tensors_from_hf(
+    name: str, tensor: torch.Tensor, config: DecoderConfig
+) -> list[tuple[str, torch.Tensor]]:
+    """One HF tensor -> the decoder tensors it holds (here: itself, renamed)."""
+    return [(llama_keys_from_hf(name), tensor)]
+
+
+def llama_state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
+    """The decoder's state dict under HF's names."""
+    return {llama_keys_to_hf(name): tensor for name, tensor in state.items()}
+
+
 @dataclass(frozen=True)
 class Family:
     """What one family registers.
@@ -38,32 +55,31 @@ class Family:
     Args:
         model_types: the HF ``model_type`` values it reads.
         config_from_hf: HF ``config.json`` (a dict) -> DecoderConfig.
-        key_from_hf: HF tensor name -> decoder parameter name.
-        key_to_hf: decoder parameter name -> HF tensor name.
+        tensors_from_hf: one HF tensor -> the (name, tensor) pairs of the decoder it holds.
+        state_to_hf: the decoder's state dict -> HF's tensors.
     """
 
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any]], DecoderConfig]
-    key_from_hf: Callable[[str], str] = llama_keys_from_hf
-    key_to_hf: Callable[[str], str] = llama_keys_to_hf
+    tensors_from_hf: TensorsFromHF = llama_tensors_from_hf
+    state_to_hf: StateToHF = llama_state_to_hf
 
 
 FAMILIES: dict[str, Family] = {}
 
 
+ConfigReader = Callable[[dict[str, Any]], DecoderConfig]
+
+
 def register_family(
     *model_types: str,
-    key_from_hf: Callable[[str], str] = llama_keys_from_hf,
-    key_to_hf: Callable[[str], str] = llama_keys_to_hf,
-) -> Callable[
-    [Callable[[dict[str, Any]], DecoderConfig]], Callable[[dict[str, Any]], DecoderConfig]
-]:
+    tensors_from_hf: TensorsFromHF = llama_tensors_from_hf,
+    state_to_hf: StateToHF = llama_state_to_hf,
+) -> Callable[[ConfigReader], ConfigReader]:
     """Register the decorated ``config_from_hf`` function for these HF model types."""
 
-    def decorate(
-        config_from_hf: Callable[[dict[str, Any]], DecoderConfig],
-    ) -> Callable[[dict[str, Any]], DecoderConfig]:
-        family = Family(model_types, config_from_hf, key_from_hf, key_to_hf)
+    def decorate(config_from_hf: ConfigReader) -> ConfigReader:
+        family = Family(model_types, config_from_hf, tensors_from_hf, state_to_hf)
         for model_type in model_types:
             FAMILIES[model_type] = family
         return config_from_hf
@@ -100,7 +116,16 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         theta = hf.get("rope_theta", 10000.0)
         scaling = dict(hf.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return float(theta), None if kind == "default" else {**scaling, "rope_type": kind}
+    if kind == "default":
+        return float(theta), None
+    scaling = {**scaling, "rope_type": kind}
+    if kind == "longrope":  # Phi-3 keeps these beside rope_scaling
+        scaling.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"),
+        )
+        scaling.setdefault("max_position_embeddings", hf.get("max_position_embeddings"))
+    return float(theta), scaling
 
 
 def _sliding_windows(hf: dict[str, Any], num_layers: int) -> list[int | None]:
@@ -121,6 +146,10 @@ def llama_shaped_config(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     heads = hf["num_attention_heads"]
     layers = hf["num_hidden_layers"]
     theta, scaling = _rope(hf)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    partial = (hf.get("rope_parameters") or {}).get(
+        "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
+    )
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -128,7 +157,8 @@ def llama_shaped_config(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -230,3 +260,45 @@ def gemma3_config(hf: dict[str, Any]) -> DecoderConfig:
         local_rope_theta=local_theta,
         sliding_windows=_gemma_windows(hf, lambda i: (i + 1) % pattern != 0),
     )
+
+
+def _phi3_tensors_from_hf(
+    name: str, tensor: torch.Tensor, config: DecoderConfig
+) -> list[tuple[str, torch.Tensor]]:
+    """Split Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` into the decoder's projections."""
+    base = llama_keys_from_hf(name)
+    if ".self_attn.qkv_proj." in base:
+        q_rows = config.num_heads * config.head_dim
+        kv_rows = config.num_kv_heads * config.head_dim
+        q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+        parts = {"q_proj": q, "k_proj": k, "v_proj": v}
+        return [(base.replace("qkv_proj", part), t) for part, t in parts.items()]
+    if ".mlp.gate_up_proj." in base:
+        gate, up = tensor.chunk(2, dim=0)
+        parts = {"gate_proj": gate, "up_proj": up}
+        return [(base.replace("gate_up_proj", part), t) for part, t in parts.items()]
+    return [(base, tensor)]
+
+
+def _phi3_state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
+    """Fuse the decoder's q/k/v and gate/up projections back into Phi-3's tensors."""
+    hf: StateDict = {}
+    for name, tensor in state.items():
+        if ".self_attn.q_proj." in name:
+            qkv = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            hf[llama_keys_to_hf(name.replace("q_proj", "qkv_proj"))] = torch.cat(qkv)
+        elif ".mlp.gate_proj." in name:
+            up = state[name.replace("gate_proj", "up_proj")]
+            hf[llama_keys_to_hf(name.replace("gate_proj", "gate_up_proj"))] = torch.cat(
+                [tensor, up]
+            )
+        elif not any(f".{p}." in name for p in ("k_proj", "v_proj", "up_proj")):
+            hf[llama_keys_to_hf(name)] = tensor
+    return hf
+
+
+@register_family("phi3", tensors_from_hf=_phi3_tensors_from_hf, state_to_hf=_phi3_state_to_hf)
+def phi3_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Phi-3, Phi-3.5 and Phi-4: fused tensors in the checkpoint, ``longrope`` scaling, and a
+    partial rotary factor where the config gives one."""
+    return llama_shaped_config(hf, attention_bias=False, output_bias=False)

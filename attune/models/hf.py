@@ -13,7 +13,7 @@ from attune.checkpoint import atomic_folder, iter_safetensors, weight_files, wri
 from attune.errors import CheckpointError
 from attune.models.config import DecoderConfig
 from attune.models.decoder import TransformerDecoder
-from attune.models.families import family_of
+from attune.models.families import family_of, llama_keys_to_hf
 from attune.models.rope import RotaryEmbedding
 
 # Files a model folder carries besides its weights and config, copied from the source folder.
@@ -83,34 +83,40 @@ def from_pretrained(
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
-    for hf_name, file, tensor in iter_safetensors(weight_files(path)):
+    for hf_name, file, hf_tensor in iter_safetensors(weight_files(path)):
         if hf_name.endswith(_IGNORED_SUFFIXES):
             continue
-        name = family.key_from_hf(hf_name)
-        if config.tie_embeddings and name == "lm_head.weight":
+        if config.tie_embeddings and hf_name == "lm_head.weight":
             continue  # tied: the embedding is the output projection
-        if name not in expected:
+        try:
+            parts = family.tensors_from_hf(hf_name, hf_tensor, config)
+        except RuntimeError as error:  # a fused tensor that does not split as the config says
             raise CheckpointError(
-                f"{file.name}: tensor '{hf_name}' does not belong to a "
-                f"{hf_config['model_type']} model of this config"
-            )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, but the "
-                f"config makes it {tuple(expected[name].shape)}"
-            )
-        loaded[name] = tensor.to(device=device, dtype=dtype)
+                f"{file.name}: tensor '{hf_name}' of shape {tuple(hf_tensor.shape)} does not "
+                f"fit the config ({error})"
+            ) from None
+        for name, tensor in parts:
+            if name not in expected:
+                raise CheckpointError(
+                    f"{file.name}: tensor '{hf_name}' does not belong to a "
+                    f"{hf_config['model_type']} model of this config"
+                )
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, but the "
+                    f"config makes it {tuple(expected[name].shape)}"
+                )
+            loaded[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        names = ", ".join(family.key_to_hf(n) for n in missing[:3])
+        names = ", ".join(llama_keys_to_hf(n) for n in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{path}: the weights lack {names}{more}")
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     for module in model.modules():  # RoPE tables were built on the meta device
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = torch.empty(0, device=device)
-            module.reset_parameters()
+            module.reset_parameters(device)
     return model
 
 
@@ -153,7 +159,7 @@ def save_pretrained(
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    tensors = {family.key_to_hf(name): tensor for name, tensor in state.items()}
+    tensors = family.state_to_hf(state, model.config)
     dtype = next(iter(tensors.values())).dtype
     # transformers 5 writes "dtype", earlier versions "torch_dtype": keep the file's spelling
     dtype_key = "torch_dtype" if "torch_dtype" in hf_config else "dtype"

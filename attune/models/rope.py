@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def rope_inverse_frequencies(
@@ -24,7 +24,8 @@ def rope_inverse_frequencies(
         head_dim: width of one attention head.
         theta: the RoPE base.
         scaling: HF ``rope_scaling`` parameters: ``linear`` divides the speeds by ``factor``;
-            ``llama3`` slows only the low frequencies, smoothly, as Llama 3.1 does.
+            ``llama3`` slows only the low frequencies, smoothly, as Llama 3.1 does;
+            ``longrope`` (Phi-3) divides them by per-pair ``short_factor`` values here.
 
     Raises:
         ValueError: a scaling type this module does not implement.
@@ -34,6 +35,8 @@ def rope_inverse_frequencies(
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
+    if rope_type == "longrope":  # the short factors; RotaryEmbedding switches to the long ones
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
@@ -59,25 +62,48 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables for given positions.
 
     Args:
-        head_dim: width of one attention head.
+        rotary_dim: how many leading dimensions of each head rotate (the head width, or a
+            fraction of it with a partial rotary factor).
         theta: the RoPE base.
-        scaling: HF ``rope_scaling`` parameters, or None.
+        scaling: HF ``rope_scaling`` parameters, or None. With ``longrope``, positions past
+            ``original_max_position_embeddings`` switch the whole pass to the long factors,
+            and cos/sin are scaled by the attention factor, as HF does.
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
+    def __init__(self, rotary_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
-        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
         self.theta = theta
         self.scaling = scaling
-        self.register_buffer(
-            "inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False
-        )
+        self.longrope = (scaling or {}).get("rope_type") == "longrope"
+        self.register_buffer("inv_freq", torch.empty(rotary_dim // 2), persistent=False)
+        self.register_buffer("long_inv_freq", torch.empty(rotary_dim // 2), persistent=False)
+        self.attention_factor = 1.0
+        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Recompute the table (after the module was built on the meta device)."""
-        self.inv_freq = rope_inverse_frequencies(self.head_dim, self.theta, self.scaling).to(
-            self.inv_freq.device
+    def reset_parameters(self, device: torch.device | str | None = None) -> None:
+        """Compute the tables, on ``device`` (after the module was built on the meta device)."""
+        device = device if device is not None else self.inv_freq.device
+        self.long_inv_freq = torch.empty(0, device=device)
+        self.inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, self.scaling).to(
+            device
         )
+        if self.longrope:
+            long = {**self.scaling, "short_factor": self.scaling["long_factor"]}
+            self.long_inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, long).to(
+                device
+            )
+            factor = self.scaling.get("factor") or (
+                self.scaling["max_position_embeddings"]
+                / self.scaling["original_max_position_embeddings"]
+            )
+            attention_factor = self.scaling.get("attention_factor")
+            if attention_factor is None:
+                original = self.scaling["original_max_position_embeddings"]
+                attention_factor = (
+                    1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+                )
+            self.attention_factor = attention_factor
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -85,11 +111,17 @@ class RotaryEmbedding(nn.Module):
             positions: ``[batch, seq]`` integer positions.
 
         Returns:
-            ``(cos, sin)``, each ``[batch, seq, head_dim]`` in float32.
+            ``(cos, sin)``, each ``[batch, seq, rotary_dim]`` in float32.
         """
-        angles = positions.float()[..., None] * self.inv_freq.float()
+        inv_freq = self.inv_freq
+        if (
+            self.longrope
+            and int(positions.max()) + 1 > self.scaling["original_max_position_embeddings"]
+        ):
+            inv_freq = self.long_inv_freq
+        angles = positions.float()[..., None] * inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +130,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (``[batch, heads, seq, head_dim]``) by the tables from :class:`RotaryEmbedding`."""
+    """Rotate ``x`` (``[batch, heads, seq, head_dim]``) by the tables from :class:`RotaryEmbedding`;
+    with partial rotary, dimensions past the tables' width pass through unrotated."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)

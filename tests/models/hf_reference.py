@@ -16,6 +16,9 @@ TINY = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 # Each case exercises one "what differs" cell of the supported families.
@@ -47,6 +50,34 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     ),
     "qwen3_qk_norm": ("Qwen3Config", {"head_dim": 32}),
+    "phi3_fused_tensors": ("Phi3Config", {"num_key_value_heads": 2}),
+    "phi3_longrope_long_factors_partial_rotary": (
+        "Phi3Config",
+        {
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 8,  # the 12-token test batch is past it
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5, 2.0, 3.0],
+                "long_factor": [1.0, 4.0, 9.0, 20.0],
+            },
+        },
+    ),
+    "phi3_longrope_short_factors": (
+        "Phi3Config",
+        {
+            "max_position_embeddings": 64,
+            "original_max_position_embeddings": 16,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+                "long_factor": [1.0, 4.0, 9.0, 20.0, 30.0, 40.0, 50.0, 60.0],
+            },
+        },
+    ),
     "gemma_geglu_scaled_embeddings": ("GemmaConfig", {"head_dim": 16}),
     "gemma2_softcaps_sandwich_sliding": (
         "Gemma2Config",
