@@ -38,6 +38,9 @@ class DecoderConfig:
         query_scale: scale of the attention scores (default ``head_dim ** -0.5``).
         local_rope_theta: RoPE base of sliding-window layers, when it differs (Gemma 3).
         rotary_dim: how many leading dimensions of each head rotate (default: all).
+        num_labels: with a number, the output is a ``score`` head of that many values per
+            token (value and reward models, HF ``*ForSequenceClassification``) instead of the
+            language-model head.
         hf_config: the checkpoint's own ``config.json``, kept to write it back unchanged.
     """
 
@@ -67,6 +70,7 @@ class DecoderConfig:
     query_scale: float | None = None
     local_rope_theta: float | None = None
     rotary_dim: int | None = None
+    num_labels: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ class TransformerDecoder(nn.Module):
     """A decoder-only transformer language model.
 
     Attribute names match HF's ``*ForCausalLM`` without the ``model.`` prefix, so weights map by
-    name. With ``tie_embeddings`` the output projection is the embedding matrix itself.
+    name. With ``tie_embeddings`` the output projection is the embedding matrix itself. With
+    ``num_labels`` the output is a ``score`` head instead (HF ``*ForSequenceClassification``).
 
     Args:
         config: the model's shape; see :class:`DecoderConfig`.
@@ -36,12 +37,20 @@ class TransformerDecoder(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.num_labels is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.tie_weights()
+
+    @property
+    def ties_embeddings(self) -> bool:
+        """Whether the output projection is the embedding matrix."""
+        return self.config.tie_embeddings and self.config.num_labels is None
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when the config says so."""
-        if self.config.tie_embeddings:
+        if self.ties_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -82,7 +91,8 @@ class TransformerDecoder(nn.Module):
                 ``final_softcap``, if any).
 
         Returns:
-            Logits ``[batch, seq, vocab]``, or hidden states ``[batch, seq, hidden]``.
+            Logits ``[batch, seq, vocab]`` (scores ``[batch, seq, num_labels]`` with a score
+            head), or hidden states ``[batch, seq, hidden]``.
         """
         batch, seq = tokens.shape
         past = cache.length if cache is not None else 0
@@ -115,6 +125,8 @@ class TransformerDecoder(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
+        if self.config.num_labels is not None:
+            return self.score(x)
         logits = self.lm_head(x)
         if self.config.final_softcap is not None:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap

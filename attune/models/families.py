@@ -22,6 +22,9 @@ StateDict = dict[str, torch.Tensor]
 HF_PREFIX = "model."
 
 
+HEAD_NAMES = ("lm_head.", "score.")  # output heads sit beside HF's ``model.`` body
+
+
 def llama_keys_from_hf(name: str) -> str:
     """``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.self_attn.q_proj.weight``."""
     return name.removeprefix(HF_PREFIX)
@@ -29,7 +32,7 @@ def llama_keys_from_hf(name: str) -> str:
 
 def llama_keys_to_hf(name: str) -> str:
     """The inverse of :func:`llama_keys_from_hf`."""
-    return name if name.startswith("lm_head.") else HF_PREFIX + name
+    return name if name.startswith(HEAD_NAMES) else HF_PREFIX + name
 
 
 TensorsFromHF = Callable[[str, torch.Tensor, DecoderConfig], list[tuple[str, torch.Tensor]]]
@@ -171,6 +174,9 @@ def llama_shaped_config(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         activation=hf.get("hidden_act", "silu"),
         hf_config=dict(hf),
     )
+    architectures = hf.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        fields["num_labels"] = hf.get("num_labels") or len(hf.get("id2label") or {0: 0, 1: 1})
     fields.update(overrides)
     return DecoderConfig(**fields)
 

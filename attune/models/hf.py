@@ -80,13 +80,13 @@ def from_pretrained(
     with torch.device("meta"):
         model = TransformerDecoder(config)
     expected = dict(model.state_dict(keep_vars=True))
-    if config.tie_embeddings:
+    if model.ties_embeddings:
         expected.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
     for hf_name, file, hf_tensor in iter_safetensors(weight_files(path)):
         if hf_name.endswith(_IGNORED_SUFFIXES):
             continue
-        if config.tie_embeddings and hf_name == "lm_head.weight":
+        if hf_name == "lm_head.weight" and "lm_head.weight" not in expected:
             continue  # tied: the embedding is the output projection
         try:
             parts = family.tensors_from_hf(hf_name, hf_tensor, config)
@@ -157,7 +157,7 @@ def save_pretrained(
         )
     family = family_of(hf_config)
     state = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.ties_embeddings:
         state.pop("lm_head.weight")
     tensors = family.state_to_hf(state, model.config)
     dtype = next(iter(tensors.values())).dtype
