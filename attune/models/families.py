@@ -122,12 +122,13 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if kind == "default":
         return float(theta), None
     scaling = {**scaling, "rope_type": kind}
-    if kind == "longrope":  # Phi-3 keeps these beside rope_scaling
+    # dynamic and longrope scaling need the trained lengths, which configs keep beside them
+    scaling.setdefault("max_position_embeddings", hf.get("max_position_embeddings"))
+    if kind == "longrope":
         scaling.setdefault(
             "original_max_position_embeddings",
             hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"),
         )
-        scaling.setdefault("max_position_embeddings", hf.get("max_position_embeddings"))
     return float(theta), scaling
 
 

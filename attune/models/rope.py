@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 
 def rope_inverse_frequencies(
@@ -25,7 +25,8 @@ def rope_inverse_frequencies(
         theta: the RoPE base.
         scaling: HF ``rope_scaling`` parameters: ``linear`` divides the speeds by ``factor``;
             ``llama3`` slows only the low frequencies, smoothly, as Llama 3.1 does;
-            ``longrope`` (Phi-3) divides them by per-pair ``short_factor`` values here.
+            ``longrope`` (Phi-3) divides them by per-pair ``short_factor`` values here;
+            ``dynamic`` (NTK) leaves them as they are up to ``max_position_embeddings``.
 
     Raises:
         ValueError: a scaling type this module does not implement.
@@ -33,7 +34,7 @@ def rope_inverse_frequencies(
     # float32, as HF computes it, so the angles match to the last bit
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", "dynamic"):  # dynamic changes only past the trained length
         return inv_freq
     if rope_type == "longrope":  # the short factors; RotaryEmbedding switches to the long ones
         return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
@@ -67,7 +68,8 @@ class RotaryEmbedding(nn.Module):
         theta: the RoPE base.
         scaling: HF ``rope_scaling`` parameters, or None. With ``longrope``, positions past
             ``original_max_position_embeddings`` switch the whole pass to the long factors,
-            and cos/sin are scaled by the attention factor, as HF does.
+            and cos/sin are scaled by the attention factor, as HF does. With ``dynamic``,
+            positions past ``max_position_embeddings`` raise the base for the whole pass.
     """
 
     def __init__(self, rotary_dim: int, theta: float, scaling: dict[str, Any] | None = None):
@@ -76,6 +78,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.scaling = scaling
         self.longrope = (scaling or {}).get("rope_type") == "longrope"
+        self.dynamic = (scaling or {}).get("rope_type") == "dynamic"
         self.register_buffer("inv_freq", torch.empty(rotary_dim // 2), persistent=False)
         self.register_buffer("long_inv_freq", torch.empty(rotary_dim // 2), persistent=False)
         self.attention_factor = 1.0
@@ -105,6 +108,16 @@ class RotaryEmbedding(nn.Module):
                 )
             self.attention_factor = attention_factor
 
+    def _dynamic_inverse_frequencies(self, seq_len: int) -> torch.Tensor:
+        base = _dynamic_ntk_base(
+            self.theta,
+            self.rotary_dim,
+            seq_len,
+            self.scaling["factor"],
+            self.scaling["max_position_embeddings"],
+        )
+        return rope_inverse_frequencies(self.rotary_dim, base)
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -114,14 +127,20 @@ class RotaryEmbedding(nn.Module):
             ``(cos, sin)``, each ``[batch, seq, rotary_dim]`` in float32.
         """
         inv_freq = self.inv_freq
-        if (
-            self.longrope
-            and int(positions.max()) + 1 > self.scaling["original_max_position_embeddings"]
-        ):
-            inv_freq = self.long_inv_freq
+        if self.longrope or self.dynamic:
+            seq_len = int(positions.max()) + 1
+            if self.longrope and seq_len > self.scaling["original_max_position_embeddings"]:
+                inv_freq = self.long_inv_freq
+            if self.dynamic and seq_len > self.scaling["max_position_embeddings"]:
+                inv_freq = self._dynamic_inverse_frequencies(seq_len).to(inv_freq.device)
         angles = positions.float()[..., None] * inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def _dynamic_ntk_base(theta: float, dim: int, seq_len: int, factor: float, trained: int) -> float:
+    """Dynamic NTK scaling: the RoPE base for a pass reaching ``seq_len`` positions."""
+    return theta * ((factor * seq_len / trained) - (factor - 1)) ** (dim / (dim - 2))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "LlamaConfig",
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
     ),
+    "llama_dynamic_rope_past_trained_length": (
+        "LlamaConfig",
+        {
+            "max_position_embeddings": 8,  # the 12-token test batch goes past it
+            "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        },
+    ),
     "mistral_sliding_window": ("MistralConfig", {"sliding_window": 5, "head_dim": 16}),
     "qwen2_tied_biases": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen2_sliding_layers": (
