@@ -1,5 +1,17 @@
 """Models: one open TransformerDecoder, built for any supported family from its config.json."""
 
+from attune.models.builders import (
+    gemma2_2b,
+    llama3_1_8b,
+    llama3_2_1b,
+    llama3_2_3b,
+    mistral_7b_v0_3,
+    phi3_mini_4k,
+    qwen2_5_0_5b,
+    qwen2_5_1_5b,
+    qwen2_5_7b,
+    qwen3_0_6b,
+)
 from attune.models.config import DecoderConfig
 from attune.models.decoder import TransformerDecoder
 from attune.models.families import FAMILIES, register_family
@@ -21,7 +33,17 @@ __all__ = [
     "decoder_config",
     "from_hf_config",
     "from_pretrained",
+    "gemma2_2b",
     "generate",
+    "llama3_1_8b",
+    "llama3_2_1b",
+    "llama3_2_3b",
+    "mistral_7b_v0_3",
+    "phi3_mini_4k",
+    "qwen2_5_0_5b",
+    "qwen2_5_1_5b",
+    "qwen2_5_7b",
+    "qwen3_0_6b",
     "read_hf_config",
     "register_family",
     "sample_next",
