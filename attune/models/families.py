@@ -16,6 +16,7 @@ import torch
 
 from attune.errors import CheckpointError
 from attune.models.config import DecoderConfig
+from attune.models.rope import SUPPORTED_ROPE_TYPES
 from attune.suggest import did_you_mean
 
 StateDict = dict[str, torch.Tensor]
@@ -121,6 +122,11 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return float(theta), None
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"config.json asks for RoPE scaling '{kind}', which attune does not support yet "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     scaling = {**scaling, "rope_type": kind}
     # dynamic and longrope scaling need the trained lengths, which configs keep beside them
     scaling.setdefault("max_position_embeddings", hf.get("max_position_embeddings"))

@@ -50,8 +50,21 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
 
 
 def decoder_config(hf_config: dict[str, Any]) -> DecoderConfig:
-    """The DecoderConfig for any supported family's ``config.json``."""
-    return family_of(hf_config).config_from_hf(hf_config)
+    """The DecoderConfig for any supported family's ``config.json``.
+
+    Raises:
+        CheckpointError: an unsupported family, or a config missing a field or contradicting
+            itself.
+    """
+    family = family_of(hf_config)
+    try:
+        return family.config_from_hf(hf_config)
+    except KeyError as error:
+        raise CheckpointError(
+            f"config.json of a {hf_config['model_type']} model lacks {error}"
+        ) from None
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"config.json: {error}") from None
 
 
 def from_hf_config(config: dict[str, Any] | str | Path) -> TransformerDecoder:
@@ -76,7 +89,7 @@ def from_pretrained(
     """
     hf_config = read_hf_config(path)
     family = family_of(hf_config)
-    config = family.config_from_hf(hf_config)
+    config = decoder_config(hf_config)
     with torch.device("meta"):
         model = TransformerDecoder(config)
     expected = dict(model.state_dict(keep_vars=True))

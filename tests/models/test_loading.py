@@ -91,3 +91,30 @@ def test_unsupported_model_type(folder):
 def test_no_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"no config\.json in"):
         models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+         r"RoPE scaling 'yarn', which attune does not support yet"),
+        ({"num_key_value_heads": 3}, r"config.json: num_heads \(4\) must be a multiple of num_kv_heads \(3\)"),
+        ({"hidden_size": None}, r"config.json: hidden_size must be a positive integer, got None"),
+    ],
+)  # fmt: skip
+def test_config_problems_are_checkpoint_errors(folder, change, message):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        models.from_pretrained(folder)
+
+
+def test_missing_config_field_is_named(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"config.json of a llama model lacks 'num_hidden_layers'"
+    ):
+        models.from_pretrained(folder)
