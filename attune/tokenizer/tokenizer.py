@@ -1,0 +1,212 @@
+"""A tokenizer for any ``tokenizer.json``, with special tokens and chat template read the way
+transformers reads them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from attune.errors import AttuneError
+from attune.tokenizer.chat_template import ChatTemplateError, Message, render_chat
+
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+class TokenizerError(AttuneError):
+    """A tokenizer folder that cannot be read."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise TokenizerError(f"{path}: not valid JSON ({error})") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as configs store it: a string, or an AddedToken dict with ``content``."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _chat_template_of(folder: Path, config: Mapping[str, Any]) -> str | None:
+    """``chat_template.jinja`` if present, else ``tokenizer_config.json``'s ``chat_template``
+    (a string, or a list of named templates of which ``default`` is used)."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+class Tokenizer:
+    """Encode, decode and render chats for one model.
+
+    Args:
+        backend: the ``tokenizers`` tokenizer.
+        special_tokens: ``bos_token``, ``eos_token``, ... (None where the model has none).
+        chat_template: the model's Jinja chat template, if it has one.
+        stop_token_ids: ids that end generation (the EOS token and those listed in
+            ``generation_config.json``).
+    """
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        special_tokens: Mapping[str, str | None] | None = None,
+        chat_template: str | None = None,
+        stop_token_ids: Sequence[int] = (),
+    ):
+        self.backend = backend
+        self.special_tokens = {
+            name: (special_tokens or {}).get(name) for name in SPECIAL_TOKEN_NAMES
+        }
+        self.chat_template = chat_template
+        eos_id = self.eos_id
+        stops = list(stop_token_ids)
+        if eos_id is not None and eos_id not in stops:
+            stops.insert(0, eos_id)
+        self.stop_token_ids = stops
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Read ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
+        ``chat_template.jinja`` and ``generation_config.json`` from a model folder.
+
+        Raises:
+            TokenizerError: the folder has no ``tokenizer.json``, or a file is broken.
+        """
+        folder = Path(path)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise TokenizerError(
+                f"no tokenizer.json in {folder}; attune reads fast (tokenizers) tokenizers only"
+            )
+        try:
+            backend = BackendTokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the Rust library raises plain Exceptions
+            raise TokenizerError(f"{tokenizer_file}: cannot be read ({error})") from None
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        special = {
+            name: _token_text(config.get(name)) or _token_text(special_map.get(name))
+            for name in SPECIAL_TOKEN_NAMES
+        }
+        generation = _read_json(folder / "generation_config.json")
+        eos_ids = generation.get("eos_token_id")
+        stops = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        return cls(backend, special, _chat_template_of(folder, config), stops)
+
+    # Special tokens ------------------------------------------------------------------------
+
+    def token_id(self, token: str | None) -> int | None:
+        """The id of a token string, or None."""
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.special_tokens["bos_token"])
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.special_tokens["eos_token"])
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.special_tokens["pad_token"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # Encoding ------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` applies the tokenizer's own
+        post-processor (a BOS token for Llama 3, none for Qwen), as transformers does."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """:meth:`encode` for many texts at once (in parallel, in the Rust library)."""
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(
+        self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False
+    ) -> list[str]:
+        return self.backend.decode_batch(
+            [list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
+        )
+
+    # Chat ----------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render a conversation with the model's chat template, as transformers does.
+
+        Args:
+            messages: ``{"role", "content"}`` dicts.
+            add_generation_prompt: end with the header that opens the assistant's reply.
+            tokenize: return token ids (the text encoded without adding special tokens, since
+                the template writes them) instead of the text.
+            tools, documents: passed to templates that support them.
+            chat_template: a template to use instead of the model's.
+            **kwargs: further template variables (``date_string``, ``enable_thinking``, ...).
+
+        Raises:
+            ChatTemplateError: no template, or the template rejects the conversation.
+        """
+        source = chat_template or self.chat_template
+        if source is None:
+            raise ChatTemplateError(
+                "this tokenizer has no chat template; set one in the config (a built-in name, "
+                "a Jinja string or a .jinja file)"
+            )
+        special = {k: v for k, v in self.special_tokens.items() if v is not None}
+        text = render_chat(
+            source,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            special_tokens=special,
+            **kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def from_pretrained(path: str | Path) -> Tokenizer:
+    """The tokenizer of a checkpoint folder; see :meth:`Tokenizer.from_pretrained`."""
+    return Tokenizer.from_pretrained(path)
