@@ -79,12 +79,13 @@ TOOL_CONVERSATION = [
         "content": "",
         "tool_calls": [
             {
+                "id": "call12345",  # Mistral v0.3 wants 9 alphanumeric characters
                 "type": "function",
                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
             }
         ],
     },
-    {"role": "tool", "name": "get_weather", "content": "22 C, sunny"},
+    {"role": "tool", "name": "get_weather", "tool_call_id": "call12345", "content": "22 C, sunny"},
     {"role": "assistant", "content": "It is 22 C and sunny in Paris."},
 ]
 
