@@ -11,6 +11,12 @@ from typing import Any
 from tokenizers import Tokenizer as BackendTokenizer
 
 from attune.errors import AttuneError
+from attune.tokenizer.assistant_mask import (
+    MASK_STRATEGIES,
+    MaskStrategy,
+    assistant_spans,
+    mask_from_spans,
+)
 from attune.tokenizer.chat_template import ChatTemplateError, Message, render_chat
 
 SPECIAL_TOKEN_NAMES = (
@@ -205,6 +211,59 @@ class Tokenizer:
             **kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def tokenize_messages(
+        self,
+        messages: Sequence[Message],
+        strategy: MaskStrategy = "assistant",
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[list[int], list[bool]]:
+        """Tokens of the rendered conversation and which of them to train.
+
+        Args:
+            messages: the conversation.
+            strategy: ``assistant`` trains every assistant reply and its end-of-turn token;
+                ``last_assistant`` only the last reply; ``all`` every token
+                (``train_on_input``). See :mod:`attune.tokenizer.assistant_mask`.
+            tools, chat_template, **kwargs: as in :meth:`apply_chat_template`.
+
+        Returns:
+            ``(tokens, mask)``, two lists of equal length.
+
+        Raises:
+            ChatTemplateError: the template cannot be masked (see the module above), or the
+                conversation has nothing to train.
+        """
+        if strategy not in MASK_STRATEGIES:
+            raise ChatTemplateError(
+                f"unknown masking strategy '{strategy}' (choose from {', '.join(MASK_STRATEGIES)})"
+            )
+
+        def render(conversation: Sequence[Message], add_generation_prompt: bool) -> str:
+            return self.apply_chat_template(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                chat_template=chat_template,
+                **kwargs,
+            )
+
+        if strategy == "all":
+            text = render(messages, False)
+            spans = [(0, len(text))]
+        else:
+            stops = [self.backend.id_to_token(i) for i in self.stop_token_ids]
+            text, spans = assistant_spans(render, messages, [s for s in stops if s])
+            if strategy == "last_assistant":
+                spans = spans[-1:]
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        mask = mask_from_spans(encoding.offsets, spans)
+        if not any(mask):
+            raise ChatTemplateError("nothing to train: the conversation has no assistant reply")
+        return encoding.ids, mask
 
 
 def from_pretrained(path: str | Path) -> Tokenizer:

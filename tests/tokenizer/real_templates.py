@@ -58,4 +58,7 @@ def make_tokenizer_folder(name: str, folder: Path) -> Path:
         "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    # As real checkpoints do, generation_config.json lists every token that ends a reply.
+    stops = dict.fromkeys(tokenizer.token_to_id(t) for t in (spec["eos"], spec["end_of_turn"]))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(stops)}))
     return folder
