@@ -17,6 +17,7 @@ from attune.tokenizer.assistant_mask import (
     assistant_spans,
     mask_from_spans,
 )
+from attune.tokenizer.builtin_templates import resolve_chat_template
 from attune.tokenizer.chat_template import ChatTemplateError, Message, render_chat
 
 SPECIAL_TOKEN_NAMES = (
@@ -93,9 +94,15 @@ class Tokenizer:
         self.stop_token_ids = stops
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+    def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
         """Read ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
         ``chat_template.jinja`` and ``generation_config.json`` from a model folder.
+
+        Args:
+            path: the model folder.
+            chat_template: use this template instead of the folder's: a built-in name
+                (``chatml``, ``llama3``, ``llama2``, ``mistral``, ``gemma``, ``phi3``,
+                ``alpaca``), a ``.jinja`` file, or Jinja source.
 
         Raises:
             TokenizerError: the folder has no ``tokenizer.json``, or a file is broken.
@@ -119,7 +126,12 @@ class Tokenizer:
         generation = _read_json(folder / "generation_config.json")
         eos_ids = generation.get("eos_token_id")
         stops = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-        return cls(backend, special, _chat_template_of(folder, config), stops)
+        template = (
+            resolve_chat_template(chat_template)
+            if chat_template is not None
+            else _chat_template_of(folder, config)
+        )
+        return cls(backend, special, template, stops)
 
     # Special tokens ------------------------------------------------------------------------
 
@@ -266,6 +278,6 @@ class Tokenizer:
         return encoding.ids, mask
 
 
-def from_pretrained(path: str | Path) -> Tokenizer:
+def from_pretrained(path: str | Path, chat_template: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint folder; see :meth:`Tokenizer.from_pretrained`."""
-    return Tokenizer.from_pretrained(path)
+    return Tokenizer.from_pretrained(path, chat_template)
