@@ -6,6 +6,7 @@ the processes really talked to each other.
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -51,7 +52,10 @@ def report(cfg, rank, world_size, rank_sum):
     }
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    print(f"rank {rank} of {world_size}: {cfg.message}")
+    # One write per line: workers share the pipe, and a short write to it is atomic, where
+    # print's separate newline write could interleave with the other worker's line.
+    sys.stdout.write(f"rank {rank} of {world_size}: {cfg.message}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
