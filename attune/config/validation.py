@@ -30,7 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from attune.config.files import COMPONENT_KEY, iter_paths
-from attune.config.instantiate import PARTIAL_KEY, RESERVED_KEYS, import_component, signature_of
+from attune.config.instantiate import (
+    PARTIAL_KEY,
+    RESERVED_KEYS,
+    import_component,
+    is_component,
+    signature_of,
+)
 from attune.config.loading import source_of
 from attune.errors import ConfigError
 from attune.suggest import did_you_mean
@@ -171,9 +177,9 @@ def _type_hints(component: Any) -> dict[str, Any]:
         return {}
 
 
-def _resolved_tree(cfg: DictConfig, problems: list[tuple[str, str]]) -> Any:
-    """The config as plain data with interpolations resolved; a value that fails is reported."""
-    raw = OmegaConf.to_container(cfg, resolve=False)
+def _resolved_tree(cfg: DictConfig, raw: Any, problems: list[tuple[str, str]]) -> Any:
+    """``raw`` (the config as plain data) with interpolations resolved; a value that fails is
+    reported."""
 
     def resolve(node: Any, prefix: str) -> Any:
         if isinstance(node, dict):
@@ -238,7 +244,7 @@ def _check_component(
                 hint = did_you_mean(name, named)
                 problems.append((child, f"{path} takes no argument '{name}'{hint}"))
             continue
-        if value is _UNRESOLVED or (isinstance(value, dict) and COMPONENT_KEY in value):
+        if value is _UNRESOLVED or is_component(value):
             continue
         if value is None and named[name].default is None:  # `x: int = None` takes None
             continue
@@ -263,7 +269,7 @@ def _is_component_or_list(value: Any) -> bool:
     """A component node, or a list of them (several datasets, several loggers)."""
     if isinstance(value, list):
         return bool(value) and all(_is_component_or_list(v) for v in value)
-    return isinstance(value, dict) and COMPONENT_KEY in value
+    return is_component(value)
 
 
 def _walk_components(
@@ -279,14 +285,14 @@ def _walk_components(
         return
     if not isinstance(node, dict):
         return
-    is_component = COMPONENT_KEY in node
-    if is_component:
+    component = is_component(node)
+    if component:
         _check_component(node, key, provided, problems)
     for child, value in node.items():
         if child in RESERVED_KEYS:
             continue
         # instantiate() builds nested components from their config keys alone
-        child_provided: tuple[str, ...] | None = () if is_component else provided
+        child_provided: tuple[str, ...] | None = () if component else provided
         _walk_components(value, f"{key}.{child}", child_provided, problems)
 
 
@@ -346,7 +352,7 @@ def validate(cfg: DictConfig, schema: Schema | None = None) -> list[str]:
     """
     found: list[tuple[str, str]] = []
     raw = OmegaConf.to_container(cfg, resolve=False)
-    tree = _resolved_tree(cfg, found)
+    tree = _resolved_tree(cfg, raw, found)
     provided = _check_schema(tree, raw, schema, found) if schema is not None else {}
     for key, value in tree.items():
         _walk_components(value, str(key), provided.get(key), found)
