@@ -1,68 +1,38 @@
-"""From tokenized conversations to training examples and padded batches.
+"""From tokenized examples to batches: labels, padding, packing and preference pairs.
 
 An example is ``{"tokens": [...], "labels": [...]}`` with labels aligned to the tokens (not
 shifted): a trained token's label is the token itself, any other position is ``-100``. The
 loss shifts them (position ``i`` predicts label ``i + 1``), as HF models do.
+
+The first label of every example is ``-100``: nothing before it predicts it. That changes nothing
+for an example alone (the shift drops it), and in a packed row it stops the last token of one
+document from being trained to predict the first token of the next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 IGNORE_INDEX = -100
-TruncationPolicy = Literal["truncate", "drop"]
 
 
-@dataclass
-class TruncationStats:
-    """How many examples were longer than ``max_seq_len``, and what became of them."""
-
-    truncated: int = 0
-    dropped: int = 0
-
-    def summary(self, max_seq_len: int) -> str:
-        return (
-            f"{self.truncated} examples longer than max_seq_len={max_seq_len} truncated, "
-            f"{self.dropped} dropped"
-        )
-
-
-def sft_example(
-    tokens: Sequence[int],
-    mask: Sequence[bool],
-    max_seq_len: int | None = None,
-    policy: TruncationPolicy = "truncate",
-    stats: TruncationStats | None = None,
-) -> dict[str, list[int]] | None:
-    """One training example, or None when it is dropped.
-
-    Args:
-        tokens: the conversation's tokens.
-        mask: True where a token is trained (from ``Tokenizer.tokenize_messages``).
-        max_seq_len: the longest example allowed (None: no limit).
-        policy: ``truncate`` keeps the first ``max_seq_len`` tokens (an example left with
-            nothing to train is dropped); ``drop`` drops the whole example.
-        stats: counts truncated and dropped examples, for the run's report.
-    """
-    if policy not in ("truncate", "drop"):
-        raise ValueError(f"unknown truncation policy '{policy}' (choose truncate or drop)")
-    tokens, mask = list(tokens), list(mask)
-    if max_seq_len is not None and len(tokens) > max_seq_len:
-        if policy == "drop" or not any(mask[:max_seq_len]):
-            if stats is not None:
-                stats.dropped += 1
-            return None
-        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-        if stats is not None:
-            stats.truncated += 1
+def labels_from_mask(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
+    """Labels for ``tokens``: the token where ``mask`` is true, else -100 (always at 0)."""
     labels = [
         token if trained else IGNORE_INDEX for token, trained in zip(tokens, mask, strict=True)
     ]
-    return {"tokens": tokens, "labels": labels}
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def _padded(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
+    batch = torch.full((len(rows), length), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        batch[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return batch
 
 
 def pad_collate(
@@ -77,12 +47,66 @@ def pad_collate(
     """
     longest = max(len(example["tokens"]) for example in examples)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    padding_mask = torch.zeros((len(examples), length), dtype=torch.bool)
-    for row, example in enumerate(examples):
-        size = len(example["tokens"])
-        tokens[row, :size] = torch.tensor(example["tokens"], dtype=torch.long)
-        labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long)
-        padding_mask[row, :size] = True
+    tokens = _padded([example["tokens"] for example in examples], length, pad_id)
+    labels = _padded([example["labels"] for example in examples], length, IGNORE_INDEX)
+    sizes = torch.tensor([len(example["tokens"]) for example in examples])
+    padding_mask = torch.arange(length)[None, :] < sizes[:, None]
     return {"tokens": tokens, "labels": labels, "padding_mask": padding_mask}
+
+
+def pack_collate(
+    packs: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int, max_seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Rows of whole examples laid end to end, each row padded to ``max_seq_len``.
+
+    Args:
+        packs: one list of examples per row; each list's tokens fit in ``max_seq_len``.
+        pad_id: the token that fills the end of a row.
+        max_seq_len: every row's length (a fixed shape, which compiled kernels like).
+
+    Returns:
+        ``tokens``, ``labels`` and ``padding_mask`` as :func:`pad_collate` gives them, and
+        ``document_ids`` ``[batch, max_seq_len]``: 0, 1, ... for the examples of a row, and one
+        more id for its padding. The model attends within a document only and restarts
+        positions at each one.
+    """
+    tokens, labels, documents = [], [], []
+    for pack in packs:
+        tokens.append([token for example in pack for token in example["tokens"]])
+        labels.append([label for example in pack for label in example["labels"]])
+        documents.append(
+            [document for document, example in enumerate(pack) for _ in example["tokens"]]
+        )
+        if len(tokens[-1]) > max_seq_len:
+            raise ValueError(f"a pack of {len(tokens[-1])} tokens exceeds {max_seq_len}")
+    document_ids = torch.tensor([[len(pack)] * max_seq_len for pack in packs], dtype=torch.long)
+    for row, ids in enumerate(documents):
+        document_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    sizes = torch.tensor([len(row) for row in tokens])
+    return {
+        "tokens": _padded(tokens, max_seq_len, pad_id),
+        "labels": _padded(labels, max_seq_len, IGNORE_INDEX),
+        "padding_mask": torch.arange(max_seq_len)[None, :] < sizes[:, None],
+        "document_ids": document_ids,
+    }
+
+
+def preference_collate(
+    pairs: Sequence[dict[str, Sequence[int]]], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Chosen and rejected replies in one padded batch, for one forward pass.
+
+    Args:
+        pairs: examples with ``chosen_tokens``, ``chosen_labels``, ``rejected_tokens`` and
+            ``rejected_labels``.
+
+    Returns:
+        :func:`pad_collate`'s batch of ``2 * len(pairs)`` rows: the chosen replies first, then
+        the rejected ones in the same order (row ``i`` and row ``i + len(pairs)`` are a pair).
+    """
+    rows = [
+        {"tokens": pair[f"{side}_tokens"], "labels": pair[f"{side}_labels"]}
+        for side in ("chosen", "rejected")
+        for pair in pairs
+    ]
+    return pad_collate(rows, pad_id, pad_to_multiple_of)

@@ -45,11 +45,18 @@ class RowError(AttuneError):
     """A dataset row that does not fit its format."""
 
 
+def _has(row: Mapping[str, Any], column: str) -> bool:
+    """Whether the row has a value in ``column``. Loaders that unify a file's columns fill a
+    row's missing ones with None, so None counts as absent."""
+    return row.get(column) is not None
+
+
 def _column(row: Mapping[str, Any], name: str, column_map: Mapping[str, str] | None) -> Any:
     column = (column_map or {}).get(name, name)
-    if column not in row:
-        found = ", ".join(map(str, row)) or "none"
-        hint = did_you_mean(column, row)
+    if not _has(row, column):
+        present = [str(key) for key in row if _has(row, key)]
+        found = ", ".join(present) or "none"
+        hint = did_you_mean(column, present)
         raise RowError(
             f"no column '{column}'{hint} (columns found: {found}); name the right one with "
             f"column_map={{'{name}': '<column>'}}"
@@ -70,7 +77,9 @@ def instruction_messages(
 ) -> Messages:
     """An Alpaca (instruction/input/output) or prompt/completion row as a conversation."""
     names = column_map or {}
-    if names.get("prompt", "prompt") in row and names.get("completion", "completion") in row:
+    if _has(row, names.get("prompt", "prompt")) and _has(
+        row, names.get("completion", "completion")
+    ):
         prompt = _text(_column(row, "prompt", column_map), "prompt")
         answer = _text(_column(row, "completion", column_map), "completion")
     else:
@@ -109,7 +118,7 @@ def conversation_messages(
     """An OpenAI ``messages`` or ShareGPT ``conversations`` row as a conversation."""
     names = column_map or {}
     sharegpt = names.get("conversations", "conversations")
-    if names.get("messages", "messages") in row or sharegpt not in row:
+    if _has(row, names.get("messages", "messages")) or not _has(row, sharegpt):
         messages = _checked_messages(_column(row, "messages", column_map), "messages")
     else:
         turns = _column(row, "conversations", column_map)
@@ -147,7 +156,7 @@ def preference_pair(
     chosen = _column(row, "chosen", column_map)
     rejected = _column(row, "rejected", column_map)
     prompt_column = (column_map or {}).get("prompt", "prompt")
-    if prompt_column in row and row[prompt_column] is not None:
+    if _has(row, prompt_column):
         prompt = _as_turns(row[prompt_column], "user", "prompt")
         return (
             prompt + _as_turns(chosen, "assistant", "chosen"),

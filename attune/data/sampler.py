@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import Sampler
 
 
-class GlobalOrderSampler(Sampler[int]):
+class GlobalOrderSampler(Sampler[Any]):
     """Indices for one rank, from a seeded global order, resumable mid-epoch.
+
+    Subclasses yield other units made from the same order (:meth:`units`), such as packs.
 
     Args:
         num_samples: the dataset's length.
@@ -49,7 +51,9 @@ class GlobalOrderSampler(Sampler[int]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.epoch = 0
-        self.consumed = 0  # samples of this epoch consumed by all ranks together
+        self.consumed = 0  # items of this epoch consumed by all ranks together
+        self._cached_epoch: int | None = None
+        self._cached_units: list[Any] = []
 
     def global_order(self, epoch: int) -> list[int]:
         """The whole epoch's sequence of dataset indices, as every rank sees it."""
@@ -58,18 +62,28 @@ class GlobalOrderSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
+    def units(self, epoch: int) -> list[Any]:
+        """The epoch's global sequence of what the sampler yields: here, dataset indices."""
+        return self.global_order(epoch)
+
+    def _epoch_units(self) -> list[Any]:
+        if self._cached_epoch != self.epoch:
+            self._cached_units, self._cached_epoch = self.units(self.epoch), self.epoch
+        return self._cached_units
+
     def __len__(self) -> int:
-        """How many indices this rank yields in the rest of the epoch."""
-        usable = self.num_samples - self.num_samples % self.world_size
+        """How many items this rank yields in the rest of the epoch."""
+        total = len(self._epoch_units())
+        usable = total - total % self.world_size
         return max(usable - self.consumed, 0) // self.world_size
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.global_order(self.epoch)
-        usable = len(order) - len(order) % self.world_size
+    def __iter__(self) -> Iterator[Any]:
+        units = self._epoch_units()
+        usable = len(units) - len(units) % self.world_size
         for start in range(self.consumed, usable, self.world_size):
-            # advance first: a checkpoint taken after this sample was used resumes past it
+            # advance first: a checkpoint taken after this item was used resumes past it
             self.consumed = start + self.world_size
-            yield order[start + self.rank]
+            yield units[start + self.rank]
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning."""
@@ -84,13 +98,24 @@ class GlobalOrderSampler(Sampler[int]):
                 than the sampler has drawn (DataLoader workers prefetch).
         """
         position = self.consumed if consumed is None else consumed
-        return {"epoch": self.epoch, "consumed": position, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "consumed": position,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from a saved position (the seed must be the one it was saved with)."""
+        """Resume from a saved position (same seed and dataset size as when it was saved)."""
         if state["seed"] != self.seed:
             raise ValueError(
                 f"the checkpoint's data order used seed {state['seed']}, this run {self.seed}"
+            )
+        saved_size = state.get("num_samples", self.num_samples)
+        if saved_size != self.num_samples:
+            raise ValueError(
+                f"the checkpoint was taken on a dataset of {saved_size} samples, this run has "
+                f"{self.num_samples}: the data changed, so its position cannot be resumed"
             )
         self.epoch = state["epoch"]
         self.consumed = state["consumed"]

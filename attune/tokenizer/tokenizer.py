@@ -3,6 +3,7 @@ transformers reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -154,6 +155,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides how this tokenizer tokenizes and renders chats,
+        so that cached tokenized data is reused only by the same tokenizer."""
+        digest = hashlib.sha256(self.backend.to_str().encode("utf-8"))
+        extra = [self.special_tokens, self.chat_template, self.stop_token_ids]
+        digest.update(json.dumps(extra, sort_keys=True).encode("utf-8"))
+        return digest.hexdigest()
 
     # Encoding ------------------------------------------------------------------------------
 

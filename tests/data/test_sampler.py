@@ -58,3 +58,9 @@ def test_position_reached_by_the_loop_wins_over_prefetched_draws():
     resumed = GlobalOrderSampler(30, seed=5)
     resumed.load_state_dict(sampler.state_dict(consumed=9))
     assert list(resumed) == expected[9:]
+
+
+def test_resuming_on_a_changed_dataset_is_refused():
+    sampler = GlobalOrderSampler(10, seed=1)
+    with pytest.raises(ValueError, match="dataset of 10 samples, this run has 12"):
+        GlobalOrderSampler(12, seed=1).load_state_dict(sampler.state_dict())

@@ -1,0 +1,290 @@
+"""Dataset builders: a source and a format in, tokenized training examples out.
+
+Each builder loads rows (:func:`attune.data.sources.load_rows`), turns them into conversations
+or text (:mod:`attune.data.formats`), tokenizes them once with the model's tokenizer and chat
+template into ``datasets``' on-disk cache (:mod:`attune.data.tokenized`), and returns a
+:class:`TokenizedDataset`. A recipe's config names one as the ``dataset`` component; the recipe
+passes the tokenizer::
+
+    dataset:
+      _component_: attune.data.instruct_dataset
+      source: data/alpaca.jsonl
+      max_seq_len: 512
+      packed: true
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attune.data.formats import (
+    conversation_messages,
+    instruction_messages,
+    preference_pair,
+    text_of,
+)
+from attune.data.sources import load_rows
+from attune.data.tokenized import (
+    ChatEncoder,
+    PreferenceEncoder,
+    TextEncoder,
+    TokenizedDataset,
+    TruncationPolicy,
+    encode_rows,
+)
+from attune.errors import ConfigError
+from attune.tokenizer import ChatTemplateError, Tokenizer
+from attune.tokenizer.assistant_mask import MASK_STRATEGIES, MaskStrategy
+
+# The options every builder has, passed on to _build unchanged.
+SHARED_OPTIONS = (
+    "split",
+    "filter_fn",
+    "max_seq_len",
+    "truncation",
+    "packed",
+    "num_proc",
+    "cache_dir",
+    "load_kwargs",
+)
+
+
+def _shared_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: arguments[name] for name in SHARED_OPTIONS if name in arguments}
+
+
+def _mask_strategy(mask_strategy: MaskStrategy, train_on_input: bool) -> MaskStrategy:
+    if mask_strategy not in MASK_STRATEGIES:
+        raise ConfigError(
+            f"unknown mask_strategy '{mask_strategy}' (choose from {', '.join(MASK_STRATEGIES)})"
+        )
+    if train_on_input and mask_strategy != "assistant":
+        raise ConfigError(
+            f"train_on_input=true trains every token, which contradicts "
+            f"mask_strategy={mask_strategy}; set one of them"
+        )
+    return "all" if train_on_input else mask_strategy
+
+
+def _require_chat_template(tokenizer: Tokenizer) -> None:
+    if tokenizer.chat_template is None:
+        raise ChatTemplateError(
+            "the tokenizer has no chat template, and this dataset renders conversations; set "
+            "tokenizer.chat_template in the config (a built-in name such as chatml or llama3, "
+            "a Jinja string, or a .jinja file)"
+        )
+
+
+def _build(
+    tokenizer: Tokenizer,
+    source: str,
+    encode: Callable[[Mapping[str, Any]], dict[str, list[int]]],
+    identity: Mapping[str, Any],
+    *,
+    kind: str,
+    split: str,
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None,
+    max_seq_len: int | None,
+    truncation: TruncationPolicy,
+    num_proc: int | None,
+    cache_dir: str | None,
+    load_kwargs: Mapping[str, Any] | None,
+    packed: bool = False,
+) -> TokenizedDataset:
+    rows = load_rows(
+        source, split=split, filter_fn=filter_fn, cache_dir=cache_dir, **(load_kwargs or {})
+    )
+    identity = {**identity, "split": split, "tokenizer": tokenizer.fingerprint()}
+    table = encode_rows(rows, encode, identity=identity, source=source, num_proc=num_proc)
+    return TokenizedDataset(
+        table,
+        kind=kind,
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        packed=packed,
+        source=source,
+    )
+
+
+def _conversation_dataset(
+    tokenizer: Tokenizer,
+    source: str,
+    to_messages: Callable[[Mapping[str, Any]], list[dict[str, Any]]],
+    identity: Mapping[str, Any],
+    strategy: MaskStrategy,
+    chat_template_kwargs: Mapping[str, Any] | None,
+    **common: Any,
+) -> TokenizedDataset:
+    _require_chat_template(tokenizer)
+    template_kwargs = dict(chat_template_kwargs or {})
+    identity = {**identity, "strategy": strategy, "template_kwargs": template_kwargs}
+    encode = ChatEncoder(tokenizer, to_messages, strategy, template_kwargs)
+    return _build(tokenizer, source, encode, identity, kind="sft", **common)
+
+
+def instruct_dataset(
+    tokenizer: Tokenizer,
+    source: str,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    train_on_input: bool = False,
+    max_seq_len: int | None = None,
+    truncation: TruncationPolicy = "truncate",
+    packed: bool = False,
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedDataset:
+    """Instruction data: Alpaca ``instruction``/``input``/``output`` or ``prompt``/``completion``
+    rows, each a user turn and the assistant's reply, rendered with the chat template.
+
+    Args:
+        tokenizer: the model's tokenizer (with a chat template; the built-in ``alpaca`` one
+            renders the classic Alpaca prompt).
+        source: a local json/jsonl/csv/parquet/txt file, a folder, or a Hub dataset id.
+        split: the split, with ``datasets``' slicing (``train[:95%]``).
+        column_map: the dataset's column for each format name (``{"output": "response"}``).
+        system_prompt: a system message before each instruction.
+        train_on_input: train the prompt's tokens as well as the reply's.
+        max_seq_len: the longest example (None: no limit).
+        truncation: ``truncate`` or ``drop`` examples longer than ``max_seq_len``.
+        packed: pack examples into rows of ``max_seq_len`` tokens.
+        filter_fn: keep only the rows for which it is true.
+        num_proc: tokenize in this many processes (the result is cached either way).
+        cache_dir: ``datasets``' cache folder (default: its own, ``HF_DATASETS_CACHE``).
+        chat_template_kwargs: extra template variables (``enable_thinking``, ...).
+        load_kwargs: passed to ``datasets.load_dataset`` (``name``, ``revision``, ...).
+    """
+    to_messages = functools.partial(
+        instruction_messages, column_map=column_map, system_prompt=system_prompt
+    )
+    return _conversation_dataset(
+        tokenizer,
+        source,
+        to_messages,
+        {"format": "instruction", "column_map": column_map, "system_prompt": system_prompt},
+        _mask_strategy("assistant", train_on_input),
+        chat_template_kwargs,
+        **_shared_options(locals()),
+    )
+
+
+def chat_dataset(
+    tokenizer: Tokenizer,
+    source: str,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    mask_strategy: MaskStrategy = "assistant",
+    train_on_input: bool = False,
+    max_seq_len: int | None = None,
+    truncation: TruncationPolicy = "truncate",
+    packed: bool = False,
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedDataset:
+    """Conversations: OpenAI ``messages`` or ShareGPT ``conversations`` rows, rendered with the
+    chat template.
+
+    Args:
+        mask_strategy: ``assistant`` trains every assistant reply (and its end-of-turn token),
+            ``last_assistant`` only the last one, ``all`` every token.
+        train_on_input: the same as ``mask_strategy: all``.
+        system_prompt: a system message for conversations that have none.
+        Others: as for :func:`instruct_dataset`.
+    """
+    to_messages = functools.partial(
+        conversation_messages, column_map=column_map, system_prompt=system_prompt
+    )
+    return _conversation_dataset(
+        tokenizer,
+        source,
+        to_messages,
+        {"format": "conversation", "column_map": column_map, "system_prompt": system_prompt},
+        _mask_strategy(mask_strategy, train_on_input),
+        chat_template_kwargs,
+        **_shared_options(locals()),
+    )
+
+
+def preference_dataset(
+    tokenizer: Tokenizer,
+    source: str,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    max_seq_len: int | None = None,
+    truncation: TruncationPolicy = "truncate",
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedDataset:
+    """Preference pairs: ``prompt``/``chosen``/``rejected`` (text or messages), or ``chosen``/
+    ``rejected`` conversations with the prompt implicit. Each side is rendered with the chat
+    template; only its final reply is trained (its tokens carry the log-probabilities that
+    preference losses compare). A pair is dropped when either side has nothing left to train.
+
+    Args: as for :func:`instruct_dataset`.
+    """
+    _require_chat_template(tokenizer)
+    to_pair = functools.partial(preference_pair, column_map=column_map)
+    template_kwargs = dict(chat_template_kwargs or {})
+    identity = {
+        "format": "preference",
+        "column_map": column_map,
+        "template_kwargs": template_kwargs,
+    }
+    return _build(
+        tokenizer,
+        source,
+        PreferenceEncoder(tokenizer, to_pair, template_kwargs),
+        identity,
+        kind="preference",
+        **_shared_options(locals()),
+    )
+
+
+def text_completion_dataset(
+    tokenizer: Tokenizer,
+    source: str,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    add_eos: bool = True,
+    max_seq_len: int | None = None,
+    truncation: TruncationPolicy = "truncate",
+    packed: bool = False,
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedDataset:
+    """Plain text for continued pre-training: a ``text`` column (a ``.txt`` file gives one row
+    per line), every token trained. No chat template is used.
+
+    Args:
+        add_eos: end each text with the EOS token.
+        Others: as for :func:`instruct_dataset`.
+    """
+    to_text = functools.partial(text_of, column_map=column_map)
+    identity = {"format": "text", "column_map": column_map, "add_eos": add_eos}
+    return _build(
+        tokenizer,
+        source,
+        TextEncoder(tokenizer, to_text, add_eos),
+        identity,
+        kind="sft",
+        **_shared_options(locals()),
+    )
