@@ -87,8 +87,7 @@ class TransformerDecoder(nn.Module):
             cache: a :class:`KVCache` (from :meth:`make_cache`): attention also sees the
                 cached tokens, and this pass's keys and values are added to it.
             return_hidden: return the final normed hidden states instead of logits, so a loss
-                can apply the output projection in chunks (and then the config's
-                ``final_softcap``, if any).
+                can apply :meth:`output` to the positions it trains, in chunks.
 
         Returns:
             Logits ``[batch, seq, vocab]`` (scores ``[batch, seq, num_labels]`` with a score
@@ -123,11 +122,14 @@ class TransformerDecoder(nn.Module):
         if cache is not None:
             cache.advance(seq)
         x = self.norm(x)
-        if return_hidden:
-            return x
+        return x if return_hidden else self.output(x)
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states: ``[..., hidden]`` -> ``[..., vocab]`` logits
+        (soft-capped when the config says so), or ``[..., num_labels]`` scores."""
         if self.config.num_labels is not None:
-            return self.score(x)
-        logits = self.lm_head(x)
+            return self.score(hidden)
+        logits = self.lm_head(hidden)
         if self.config.final_softcap is not None:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits

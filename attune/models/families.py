@@ -61,12 +61,16 @@ class Family:
         config_from_hf: HF ``config.json`` (a dict) -> DecoderConfig.
         tensors_from_hf: one HF tensor -> the (name, tensor) pairs of the decoder it holds.
         state_to_hf: the decoder's state dict -> HF's tensors.
+        fused_modules: decoder linear layers that HF stores fused into another (Phi-3's
+            ``q_proj`` in ``qkv_proj``): they have no HF module of their own to name in a peft
+            adapter.
     """
 
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any]], DecoderConfig]
     tensors_from_hf: TensorsFromHF = llama_tensors_from_hf
     state_to_hf: StateToHF = llama_state_to_hf
+    fused_modules: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {}
@@ -79,11 +83,12 @@ def register_family(
     *model_types: str,
     tensors_from_hf: TensorsFromHF = llama_tensors_from_hf,
     state_to_hf: StateToHF = llama_state_to_hf,
+    fused_modules: tuple[str, ...] = (),
 ) -> Callable[[ConfigReader], ConfigReader]:
     """Register the decorated ``config_from_hf`` function for these HF model types."""
 
     def decorate(config_from_hf: ConfigReader) -> ConfigReader:
-        family = Family(model_types, config_from_hf, tensors_from_hf, state_to_hf)
+        family = Family(model_types, config_from_hf, tensors_from_hf, state_to_hf, fused_modules)
         for model_type in model_types:
             FAMILIES[model_type] = family
         return config_from_hf
@@ -310,7 +315,12 @@ def _phi3_state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
     return hf
 
 
-@register_family("phi3", tensors_from_hf=_phi3_tensors_from_hf, state_to_hf=_phi3_state_to_hf)
+@register_family(
+    "phi3",
+    tensors_from_hf=_phi3_tensors_from_hf,
+    state_to_hf=_phi3_state_to_hf,
+    fused_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+)
 def phi3_config(hf: dict[str, Any]) -> DecoderConfig:
     """Phi-3, Phi-3.5 and Phi-4: fused tensors in the checkpoint, ``longrope`` scaling, and a
     partial rotary factor where the config gives one."""

@@ -149,6 +149,7 @@ def save_pretrained(
     folder: str | Path,
     source: str | Path | None = None,
     max_shard_size: int | str | None = "5GB",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` as a HF folder that transformers loads as it is.
 
@@ -157,6 +158,14 @@ def save_pretrained(
     them), and the weights under HF's names: one ``model.safetensors`` or shards of at most
     ``max_shard_size`` with their index. Tied embeddings are stored once, as HF does. The
     folder is written under a temporary name and renamed into place.
+
+    Args:
+        model: the model (its config and, unless ``state`` is given, its weights).
+        folder: where to write.
+        source: a folder to copy the generation config and tokenizer files from.
+        max_shard_size: the largest weights file (``"5GB"``, bytes, or None for one file).
+        state: the weights to write instead of ``model.state_dict()`` (a LoRA model's merged
+            weights, say), under the model's names.
 
     Raises:
         CheckpointError: the model was not built from a HF config (nothing to write as
@@ -169,9 +178,9 @@ def save_pretrained(
             "in the HF layout; build it with attune.models.from_pretrained or from_hf_config"
         )
     family = family_of(hf_config)
-    state = model.state_dict()
+    state = dict(state) if state is not None else model.state_dict()
     if model.ties_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     tensors = family.state_to_hf(state, model.config)
     dtype = next(iter(tensors.values())).dtype
     # transformers 5 writes "dtype", earlier versions "torch_dtype": keep the file's spelling
@@ -192,7 +201,13 @@ def save_pretrained(
                 if hf_config.get(key) is not None
             }
             (staging / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
-        for name in TOKENIZER_FILES if source else ():
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
+        if source is not None:
+            copy_tokenizer_files(source, staging)
     return folder
+
+
+def copy_tokenizer_files(source: str | Path, folder: str | Path) -> None:
+    """Copy the tokenizer files (and chat template) that ``source`` has into ``folder``."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(folder) / name)

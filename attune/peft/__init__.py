@@ -1,0 +1,25 @@
+"""Parameter-efficient fine-tuning: LoRA, DoRA and QLoRA adapters, merged or in peft's format."""
+
+from attune.peft.adapter import load_adapter, read_adapter_settings, save_adapter
+from attune.peft.lora import (
+    ALL_LINEAR,
+    LoRALinear,
+    LoraSettings,
+    adapter_state_dict,
+    apply_lora,
+    merge_lora,
+    merged_state_dict,
+)
+
+__all__ = [
+    "ALL_LINEAR",
+    "LoRALinear",
+    "LoraSettings",
+    "adapter_state_dict",
+    "apply_lora",
+    "load_adapter",
+    "merge_lora",
+    "merged_state_dict",
+    "read_adapter_settings",
+    "save_adapter",
+]

@@ -1,0 +1,77 @@
+"""Next-token cross-entropy without full-vocabulary fp32 logits.
+
+A language model's logits are ``[batch, seq, vocab]``; in fp32 for a 128k vocabulary that is
+0.5 MB per token, more than the rest of a small model's activations. :class:`ChunkedCrossEntropy`
+instead takes the final hidden states, keeps only the positions that are trained (the prompt,
+padding and the last position are never projected), and projects them in chunks. Each chunk's
+logits are recomputed in the backward pass rather than saved, so at most one chunk of fp32
+logits exists at a time, forward or backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attune.data.collate import IGNORE_INDEX
+
+
+def _chunk_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    logits = output(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class ChunkedCrossEntropy:
+    """Summed next-token cross-entropy over trained positions, computed in chunks.
+
+    Args:
+        chunk_size: trained positions projected to logits at once.
+
+    Call it with the model's final hidden states ``[batch, seq, hidden]``, the labels
+    ``[batch, seq]`` (aligned with the tokens; -100 is not trained) and the model's output head
+    (``model.output``: ``[n, hidden]`` -> ``[n, vocab]``). It returns the summed loss (fp32
+    scalar) and the number of trained positions, so that gradient accumulation can divide by
+    the tokens of the whole step.
+    """
+
+    def __init__(self, chunk_size: int = 1024):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        output: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, int]:
+        targets = labels[:, 1:]
+        trained = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][trained]  # [n, hidden]
+        targets = targets[trained]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        if selected.shape[0] == 0:
+            return total + 0.0 * hidden.sum(), 0  # keeps the graph for a step with no tokens
+        for start in range(0, selected.shape[0], self.chunk_size):
+            end = start + self.chunk_size
+            if torch.is_grad_enabled():
+                total = total + checkpoint(
+                    _chunk_loss,
+                    selected[start:end],
+                    targets[start:end],
+                    output,
+                    use_reentrant=False,
+                )
+            else:
+                total = total + _chunk_loss(selected[start:end], targets[start:end], output)
+        return total, int(targets.shape[0])
+
+
+def token_count(labels: torch.Tensor) -> int:
+    """How many positions of a batch's labels are trained (after the shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,179 @@
+"""Where a run's numbers go: ``metrics.jsonl`` always, a progress bar, and optionally
+TensorBoard or Weights & Biases.
+
+Only the main process (rank 0) writes; :class:`MetricsWriter` does nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from attune.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger(Protocol):
+    """An extra destination for metrics (the ``metric_logger`` config component)."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files (needs the ``tensorboard`` package).
+
+    Args:
+        log_dir: where the event files go (``${output_dir}/tensorboard``, say).
+    """
+
+    def __init__(self, log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "metric_logger: TensorBoardLogger needs tensorboard (pip install tensorboard)"
+            ) from None
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Metrics to a Weights & Biases run (needs the ``wandb`` package).
+
+    Args:
+        project: the W&B project.
+        name: the run's name.
+        **init_kwargs: further ``wandb.init`` arguments (``entity``, ``mode``, ``tags``, ...).
+    """
+
+    def __init__(self, project: str, name: str | None = None, **init_kwargs: Any):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                "metric_logger: WandbLogger needs wandb (pip install wandb)"
+            ) from None
+        self.run = wandb.init(project=project, name=name, **init_kwargs)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` (one JSON object per logged step), a progress bar, and an optional
+    extra logger.
+
+    Args:
+        output_dir: the run's folder.
+        total_steps: the optimizer steps the run will take (for the progress bar).
+        extra: a :class:`MetricLogger` from the config, or None.
+        resume_step: when resuming, the step of the checkpoint: lines logged after it by the
+            interrupted run are dropped, since the resumed run logs those steps again.
+        enabled: False on processes other than rank 0.
+        progress: show the progress bar (on stderr).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        total_steps: int,
+        extra: MetricLogger | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+        progress: bool = True,
+    ):
+        self.enabled = enabled
+        self.extra = extra if enabled else None
+        self.path = Path(output_dir) / METRICS_FILE
+        self.bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the interruption
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = self.path.open("a", encoding="utf-8")
+        if progress:
+            self.bar = tqdm(
+                total=total_steps,
+                initial=resume_step or 0,
+                desc="train",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+
+    def log(self, metrics: Mapping[str, Any]) -> None:
+        """Record one step's metrics (``step`` among them)."""
+        if not self.enabled:
+            return
+        record = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()
+        }
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.extra is not None:
+            numbers = {k: v for k, v in metrics.items() if k != "step"}
+            self.extra.log(numbers, int(metrics["step"]))
+        if self.bar is not None:
+            shown = ("loss", "lr", "tokens_per_second")
+            self.bar.set_postfix_str(
+                " ".join(f"{k}={_format(metrics[k])}" for k in shown if k in metrics),
+                refresh=False,
+            )
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the progress bar on."""
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def write(self, line: str) -> None:
+        """Print a line without breaking the progress bar (rank 0 only)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.extra is not None:
+            self.extra.close()

@@ -1,0 +1,144 @@
+"""One optimizer step of supervised training, with token-exact gradient accumulation.
+
+The loss of a step is the mean over every trained token of all its micro-batches (on all
+ranks), not the mean of per-micro-batch means: each micro-batch's summed loss is divided by the
+step's total token count before its backward pass. Batch 4 x 1 micro-batch and batch 1 x 4
+micro-batches therefore give the same gradient, whatever the sequence lengths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from attune.errors import AttuneError
+from attune.training.loss import token_count
+
+MODEL_INPUTS = ("padding_mask", "document_ids")
+
+
+class TrainingError(AttuneError):
+    """A run that cannot go on (a NaN loss, say)."""
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
+def _all_ranks_sum(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor(value, device=device, dtype=torch.long)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def summed_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: Callable,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The summed next-token loss of one batch (on the model's device) and its token count."""
+    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    with precision if precision is not None else contextlib.nullcontext():
+        hidden = model(batch["tokens"], return_hidden=True, **inputs)
+        return loss_fn(hidden, batch["labels"], model.output)
+
+
+def backward_step(
+    model: torch.nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    loss_fn: Callable,
+    device: torch.device,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> tuple[float, int]:
+    """Forward and backward over a step's micro-batches; gradients accumulate in ``.grad``.
+
+    Args:
+        model: the model (``model(tokens, return_hidden=True)`` and ``model.output``).
+        micro_batches: the step's batches (``tokens``, ``labels``, maybe ``padding_mask`` and
+            ``document_ids``), on any device.
+        loss_fn: a :class:`~attune.training.loss.ChunkedCrossEntropy` or alike.
+        device: where the model is.
+        precision: makes the autocast context for the forward pass (None: none).
+
+    Returns:
+        The step's mean loss per trained token (over all ranks) and the number of tokens it
+        trained on (all ranks).
+    """
+    local_tokens = sum(token_count(batch["labels"]) for batch in micro_batches)
+    total_tokens = _all_ranks_sum(local_tokens, device)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = to_device(batch, device)
+        context = precision() if precision is not None else None
+        loss, _ = summed_loss(model, batch, loss_fn, context)
+        (loss / max(total_tokens, 1)).backward()
+        loss_sum += loss.detach()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(total_tokens, 1), total_tokens
+
+
+def optimizer_step(
+    parameters: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    max_grad_norm: float | None,
+) -> float | None:
+    """Clip gradients (when ``max_grad_norm`` is set), step the optimizer and the schedule, and
+    clear the gradients. Returns the gradient norm before clipping, when clipped."""
+    norm = None
+    if max_grad_norm is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
+    """Stop the run on a NaN or infinite loss, naming the step and the checkpoint to go back to."""
+    if math.isfinite(loss):
+        return
+    kept = (
+        f"the last good checkpoint is {last_checkpoint}"
+        if last_checkpoint
+        else "no checkpoint was saved before it"
+    )
+    raise TrainingError(
+        f"the loss is {loss} at step {step}; training stopped ({kept}). Lower the learning rate, "
+        f"check the data, or use fp32"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_fn: Callable,
+    device: torch.device,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> float:
+    """The mean loss per trained token over ``batches`` (all ranks), with the model in eval
+    mode (put back to train mode after)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        context = precision() if precision is not None else None
+        loss, count = summed_loss(model, batch, loss_fn, context)
+        loss_sum, tokens = loss_sum + float(loss), tokens + count
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        totals = torch.tensor([loss_sum, float(tokens)], device=device, dtype=torch.float64)
+        dist.all_reduce(totals)
+        loss_sum, tokens = float(totals[0]), int(totals[1])
+    return loss_sum / max(tokens, 1)

@@ -1,0 +1,142 @@
+"""LoRA, DoRA and QLoRA: merging is exact, and exported adapters load in peft with the same
+logits (peft is the referee for the format and the arithmetic)."""
+
+import pytest
+import torch
+
+from attune import models
+from attune.errors import CheckpointError, ConfigError
+from attune.peft import (
+    LoRALinear,
+    LoraSettings,
+    adapter_state_dict,
+    apply_lora,
+    load_adapter,
+    merge_lora,
+    merged_state_dict,
+    save_adapter,
+)
+from tests.models.hf_reference import make_checkpoint
+
+TOKENS = torch.tensor([[5, 17, 42, 8, 91, 3, 66, 20]])
+
+
+def randomize_adapters(model, seed=1):
+    """Training would move B off zero; do it at random so the adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.weight.normal_(0, 0.2, generator=generator)
+                if module.lora_magnitude_vector is not None:
+                    module.lora_magnitude_vector.mul_(1 + 0.1 * torch.rand(
+                        module.lora_magnitude_vector.shape, generator=generator
+                    ))  # fmt: skip
+
+
+SETTINGS = {
+    "lora": LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora_all_linear": LoraSettings(
+        rank=4, alpha=8, target_modules="all-linear", use_rslora=True
+    ),
+    "dora_with_head": LoraSettings(
+        rank=4, alpha=16, target_modules=["q_proj", "o_proj", "up_proj", "lm_head"], use_dora=True
+    ),
+}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    folder = tmp_path / "base"
+    make_checkpoint("llama_gqa_untied", folder)
+    return folder
+
+
+def test_only_adapters_train_and_they_start_as_a_no_op(checkpoint):
+    model = models.from_pretrained(checkpoint)
+    with torch.no_grad():
+        before = model(TOKENS)
+    targets = apply_lora(model, SETTINGS["dora_with_head"])
+    assert "layers.0.self_attn.q_proj" in targets and "lm_head" in targets
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model))
+    assert any(name.endswith("lora_magnitude_vector") for name in trainable)
+    with torch.no_grad():
+        assert torch.allclose(model(TOKENS), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+def test_merged_weights_give_the_adapted_models_logits(checkpoint, case):
+    model = models.from_pretrained(checkpoint)
+    apply_lora(model, SETTINGS[case])
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(TOKENS)
+        plain = models.from_pretrained(checkpoint)
+        plain.load_state_dict(merged_state_dict(model))
+        assert (plain(TOKENS) - adapted).abs().max().item() < 1e-4
+        assert (merge_lora(model)(TOKENS) - adapted).abs().max().item() < 1e-4
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+def test_exported_adapter_loads_in_peft_with_the_same_logits(checkpoint, tmp_path, case):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = models.from_pretrained(checkpoint)
+    apply_lora(model, SETTINGS[case])
+    randomize_adapters(model)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_adapter(model, folder, SETTINGS[case], base_model_name_or_path=str(checkpoint))
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, attn_implementation="eager"
+    )
+    reference = peft.PeftModel.from_pretrained(base, folder).eval()
+    with torch.no_grad():
+        difference = (reference(TOKENS).logits - model(TOKENS)).abs().max().item()
+    assert difference < 1e-4
+
+    # and attune reads the folder back
+    again = models.from_pretrained(checkpoint)
+    assert load_adapter(again, folder).use_dora == SETTINGS[case].use_dora
+    with torch.no_grad():
+        assert (again(TOKENS) - model(TOKENS)).abs().max().item() < 1e-6
+
+
+def test_qlora_keeps_the_base_in_nf4_and_trains_adapters(checkpoint):
+    model = models.from_pretrained(checkpoint)
+    settings = LoraSettings(rank=4, alpha=8, target_modules="all-linear", quantize_base=True)
+    apply_lora(model, settings)
+    layer = model.layers[0].self_attn.q_proj
+    assert type(layer.weight).__name__ == "NF4Tensor"
+    randomize_adapters(model)
+    loss = model(TOKENS).logsumexp(-1).mean()
+    loss.backward()
+    assert layer.lora_A.weight.grad is not None and layer.weight.grad is None
+    # merging dequantizes: the merged plain model matches the quantized adapted one
+    with torch.no_grad():
+        plain = models.from_pretrained(checkpoint)
+        plain.load_state_dict(merged_state_dict(model))
+        assert (plain(TOKENS) - model(TOKENS)).abs().max().item() < 1e-3
+
+
+def test_bad_target_names_and_tied_heads_are_refused(checkpoint, tmp_path):
+    model = models.from_pretrained(checkpoint)
+    with pytest.raises(ConfigError, match=r"no linear layer 'q_prj'.*did you mean 'q_proj'"):
+        apply_lora(model, LoraSettings(target_modules=["q_prj"]))
+    tied = tmp_path / "tied"
+    make_checkpoint("llama_mha_tied", tied)
+    with pytest.raises(ConfigError, match="lm_head is the embedding matrix"):
+        apply_lora(models.from_pretrained(tied), LoraSettings(target_modules=["lm_head"]))
+
+
+def test_fused_phi3_projections_cannot_be_exported_as_a_peft_adapter(tmp_path):
+    folder = tmp_path / "phi3"
+    make_checkpoint("phi3_fused_tensors", folder)
+    model = models.from_pretrained(folder)
+    apply_lora(model, LoraSettings(target_modules=["q_proj", "o_proj"]))
+    out = tmp_path / "adapter"
+    out.mkdir()
+    with pytest.raises(CheckpointError, match=r"stores q_proj fused.*save_merged"):
+        save_adapter(model, out, LoraSettings(target_modules=["q_proj", "o_proj"]))
