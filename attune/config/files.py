@@ -72,13 +72,19 @@ def parse_yaml_value(text: str) -> Any:
 
 
 def builtin_config_names() -> list[str]:
-    """Names of every config shipped in the package, like ``tiny/lora``."""
+    """Names of every config shipped in the package, like ``tiny/lora``.
+
+    Shared bases (a folder or file whose name starts with ``_``, like ``_bases/sft``) are left
+    out: they are not runnable alone, and configs extend them by that name."""
     if not BUILTIN_CONFIG_DIR.is_dir():
         return []
     names = []
     for path in BUILTIN_CONFIG_DIR.rglob("*"):
+        relative = path.relative_to(BUILTIN_CONFIG_DIR)
+        if any(part.startswith("_") for part in relative.parts):
+            continue
         if path.suffix in CONFIG_SUFFIXES and path.is_file():
-            names.append(path.relative_to(BUILTIN_CONFIG_DIR).with_suffix("").as_posix())
+            names.append(relative.with_suffix("").as_posix())
     return sorted(names)
 
 

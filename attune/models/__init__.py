@@ -20,6 +20,7 @@ from attune.models.hf import (
     decoder_config,
     from_hf_config,
     from_pretrained,
+    load_weights,
     read_hf_config,
     save_pretrained,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "llama3_1_8b",
     "llama3_2_1b",
     "llama3_2_3b",
+    "load_weights",
     "mistral_7b_v0_3",
     "phi3_mini_4k",
     "qwen2_5_0_5b",

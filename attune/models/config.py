@@ -42,6 +42,8 @@ class DecoderConfig:
             token (value and reward models, HF ``*ForSequenceClassification``) instead of the
             language-model head.
         hf_config: the checkpoint's own ``config.json``, kept to write it back unchanged.
+        source: the folder the weights were loaded from, if any (its tokenizer files are copied
+            into saved checkpoints, and adapters name it as their base model).
     """
 
     vocab_size: int
@@ -72,6 +74,7 @@ class DecoderConfig:
     rotary_dim: int | None = None
     num_labels: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    source: str | None = None
 
     def __post_init__(self) -> None:
         for name in (

@@ -88,10 +88,27 @@ def from_pretrained(
             missing or unexpected tensor, or a shape mismatch (named, with both shapes).
     """
     hf_config = read_hf_config(path)
-    family = family_of(hf_config)
     config = decoder_config(hf_config)
+    config.source = str(path)
     with torch.device("meta"):
         model = TransformerDecoder(config)
+    loaded = _read_weights(path, model, dtype, device)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    for module in model.modules():  # RoPE tables were built on the meta device
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters(device)
+    return model
+
+
+def _read_weights(
+    path: str | Path, model: TransformerDecoder, dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """The tensors of a HF folder under the model's names, checked against the model's own
+    (every one present, none unexpected, shapes equal), in ``dtype`` on ``device``."""
+    hf_config = model.config.hf_config
+    family = family_of(hf_config)
+    config = model.config
     expected = dict(model.state_dict(keep_vars=True))
     if model.ties_embeddings:
         expected.pop("lm_head.weight")
@@ -125,11 +142,21 @@ def from_pretrained(
         names = ", ".join(llama_keys_to_hf(n) for n in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{path}: the weights lack {names}{more}")
-    model.load_state_dict(loaded, strict=False, assign=True)
-    model.tie_weights()
-    for module in model.modules():  # RoPE tables were built on the meta device
-        if isinstance(module, RotaryEmbedding):
-            module.reset_parameters(device)
+    return loaded
+
+
+def load_weights(model: TransformerDecoder, path: str | Path) -> TransformerDecoder:
+    """Copy a HF folder's weights into an existing model (the folder must be of the same
+    architecture, such as a checkpoint of it); they keep the model's dtype and device.
+
+    Raises:
+        CheckpointError: as :func:`from_pretrained`.
+    """
+    reference = model.embed_tokens.weight
+    with torch.no_grad():
+        model.load_state_dict(
+            _read_weights(path, model, reference.dtype, reference.device), strict=False
+        )
     return model
 
 

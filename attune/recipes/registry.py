@@ -33,4 +33,7 @@ class Recipe:
 
 
 # Recipes land here as they are built; a name is listed only once its script works end to end.
-RECIPES: tuple[Recipe, ...] = ()
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("full_finetune_single_device", "finetune.py", ("tiny/full",)),
+    Recipe("lora_finetune_single_device", "finetune.py", ("tiny/lora",)),
+)

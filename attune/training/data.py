@@ -102,3 +102,35 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self.position = self.sampler.consumed
+
+
+def eval_batches(
+    dataset: TokenizedDataset,
+    batch_size: int,
+    pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """The whole dataset in order, this rank's share, for a validation pass."""
+    sampler = dataset.sampler(seed=0, rank=rank, world_size=world_size, shuffle=False)
+    return DataLoader(
+        dataset.loading_view(),
+        batch_size=batch_size,
+        sampler=_Replay(sampler),
+        collate_fn=dataset.collate_fn(pad_id),
+    )
+
+
+class _Replay:
+    """A sampler that starts its epoch afresh each time it is iterated."""
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        self.sampler.set_epoch(0)
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.set_epoch(0)
+        return iter(self.sampler)

@@ -1,0 +1,64 @@
+"""The shared mechanics of every recipe: run setup, data streams, losses, optimizers and
+schedules, the training step, checkpoints, metrics and the held-out answer check."""
+
+from attune.training.answer_check import AnswerCheck, AnswerReport
+from attune.training.checkpointer import Checkpointer
+from attune.training.data import BatchStream, eval_batches
+from attune.training.interrupt import StopSignals
+from attune.training.loss import ChunkedCrossEntropy, token_count
+from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger
+from attune.training.model_setup import (
+    apply_activation_checkpointing,
+    compile_layers,
+    describe_counts,
+    trainable_parameters,
+)
+from attune.training.optim import (
+    build_optimizer,
+    constant_with_warmup,
+    cosine_with_warmup,
+    linear_with_warmup,
+)
+from attune.training.run import Run, resume_point, start_run, weights_writer
+from attune.training.runtime import peak_memory_gb, rng_state, set_rng_state
+from attune.training.step import (
+    TrainingError,
+    backward_step,
+    check_finite,
+    evaluate,
+    optimizer_step,
+)
+
+__all__ = [
+    "AnswerCheck",
+    "AnswerReport",
+    "BatchStream",
+    "Checkpointer",
+    "ChunkedCrossEntropy",
+    "MetricsWriter",
+    "Run",
+    "StopSignals",
+    "TensorBoardLogger",
+    "TrainingError",
+    "WandbLogger",
+    "apply_activation_checkpointing",
+    "backward_step",
+    "build_optimizer",
+    "check_finite",
+    "compile_layers",
+    "constant_with_warmup",
+    "cosine_with_warmup",
+    "describe_counts",
+    "eval_batches",
+    "evaluate",
+    "linear_with_warmup",
+    "optimizer_step",
+    "peak_memory_gb",
+    "resume_point",
+    "rng_state",
+    "set_rng_state",
+    "start_run",
+    "token_count",
+    "trainable_parameters",
+    "weights_writer",
+]
