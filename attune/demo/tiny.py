@@ -62,7 +62,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("ATTUNE_CACHE", Path.home() / ".cache" / "attune"))
 
 
-def _write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path) -> None:
+    """Train the tiny BPE tokenizer and write it, with its config and template, into ``folder``."""
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -131,7 +132,7 @@ def tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
         # save_pretrained writes a folder of its own: build beside, then move in
         tokenizer_folder = Path(scratch) / "tokenizer"
         tokenizer_folder.mkdir()
-        _write_tokenizer(tokenizer_folder)
+        write_tokenizer(tokenizer_folder)
         _write_model(Path(scratch) / "tiny", tokenizer_folder)
         for file in (Path(scratch) / "tiny").iterdir():
             shutil.move(str(file), staging / file.name)

@@ -135,25 +135,24 @@ def recipe_main(cfg):
     with training.StopSignals() as stop:
         while step < total_steps and stream.epoch < epochs and not stop.requested:
             for micro_batches in stream:
-                loss, tokens = training.backward_step(
+                result = training.backward_step(
                     model, micro_batches, loss_fn, run.device, run.precision
                 )
-                training.check_finite(loss, step + 1, last_saved)
+                training.check_finite(result.loss, step + 1, last_saved)
                 grad_norm = training.optimizer_step(
                     params, optimizer, scheduler, cfg.get("clip_grad_norm")
                 )
-                step, tokens_seen, window_tokens = (
-                    step + 1,
-                    tokens_seen + tokens,
-                    window_tokens + tokens,
-                )
+                step += 1
+                tokens_seen += result.input_tokens
+                window_tokens += result.input_tokens
                 record = {}
                 if step % log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
                         "epoch": stream.epoch,
-                        "loss": loss,
+                        "loss": result.loss,
+                        "trained_tokens": result.trained_tokens,
                         "lr": optimizer.param_groups[0]["lr"],
                         "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                         "tokens_seen": tokens_seen,

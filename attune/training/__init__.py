@@ -22,6 +22,7 @@ from attune.training.optim import (
 from attune.training.run import Run, resume_point, start_run, weights_writer
 from attune.training.runtime import peak_memory_gb, rng_state, set_rng_state
 from attune.training.step import (
+    StepResult,
     TrainingError,
     backward_step,
     check_finite,
@@ -37,6 +38,7 @@ __all__ = [
     "ChunkedCrossEntropy",
     "MetricsWriter",
     "Run",
+    "StepResult",
     "StopSignals",
     "TensorBoardLogger",
     "TrainingError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,21 @@ MODEL_INPUTS = ("padding_mask", "document_ids")
 
 class TrainingError(AttuneError):
     """A run that cannot go on (a NaN loss, say)."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step's forward and backward passes saw."""
+
+    loss: float
+    trained_tokens: int
+    input_tokens: int
+
+
+def input_count(batch: dict[str, torch.Tensor]) -> int:
+    """Input tokens of a batch, padding aside."""
+    mask = batch.get("padding_mask")
+    return int(mask.sum()) if mask is not None else batch["tokens"].numel()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -56,7 +72,7 @@ def backward_step(
     loss_fn: Callable,
     device: torch.device,
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> tuple[float, int]:
+) -> StepResult:
     """Forward and backward over a step's micro-batches; gradients accumulate in ``.grad``.
 
     Args:
@@ -68,11 +84,12 @@ def backward_step(
         precision: makes the autocast context for the forward pass (None: none).
 
     Returns:
-        The step's mean loss per trained token (over all ranks) and the number of tokens it
-        trained on (all ranks).
+        The step's mean loss per trained token, the number of trained tokens and the number of
+        input tokens (padding aside), all over every rank.
     """
     local_tokens = sum(token_count(batch["labels"]) for batch in micro_batches)
     total_tokens = _all_ranks_sum(local_tokens, device)
+    input_tokens = _all_ranks_sum(sum(input_count(batch) for batch in micro_batches), device)
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         batch = to_device(batch, device)
@@ -82,7 +99,7 @@ def backward_step(
         loss_sum += loss.detach()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loss_sum)
-    return loss_sum.item() / max(total_tokens, 1), total_tokens
+    return StepResult(loss_sum.item() / max(total_tokens, 1), total_tokens, input_tokens)
 
 
 def optimizer_step(
