@@ -1,9 +1,10 @@
-"""The demo task: reverse the order of a few words.
+"""The demo task: reverse the order of three words.
 
-"Reverse the order of these words: red fox sky" -> "sky fox red". A model starting from random
-weights cannot do it, a tiny one learns it in a few minutes of CPU training, and the held-out
-rows (word sequences never seen in training) show whether it learned the rule rather than the
-examples: the before/after exact-match rate is the evidence a demo run prints.
+"Reverse the order of these words: red boat sky" -> "sky boat red". The tiny base model only
+knows how to repeat words in order (:func:`echo_rows`, its pre-training); fine-tuning teaches it
+the reversal in under a minute of CPU time. The held-out rows (word sequences never seen in
+training) show whether it learned the rule rather than the examples: the before/after
+exact-match rate is the evidence a demo run prints.
 
 The rows ship in the package (``data/reverse_words_{train,test}.jsonl``, Alpaca columns);
 :func:`make_rows` regenerates them exactly.

@@ -33,7 +33,29 @@ class Recipe:
 
 
 # Recipes land here as they are built; a name is listed only once its script works end to end.
+MODEL_CONFIGS = (
+    "llama3_2/1B",
+    "llama3_2/3B",
+    "llama3_1/8B",
+    "qwen2_5/0.5B",
+    "qwen2_5/1.5B",
+    "qwen2_5/7B",
+    "qwen3/0.6B",
+    "mistral/7B",
+    "gemma2/2B",
+    "phi3/mini",
+)
+
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("full_finetune_single_device", "finetune.py", ("tiny/full",)),
-    Recipe("lora_finetune_single_device", "finetune.py", ("tiny/lora",)),
+    Recipe(
+        "full_finetune_single_device",
+        "finetune.py",
+        ("tiny/full", *(f"{name}_full" for name in MODEL_CONFIGS)),
+    ),
+    Recipe(
+        "lora_finetune_single_device",
+        "finetune.py",
+        ("tiny/lora", *(f"{name}_lora" for name in MODEL_CONFIGS)),
+    ),
+    Recipe("generate", "generate.py", ("tiny/generate",)),
 )

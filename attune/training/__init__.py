@@ -20,7 +20,14 @@ from attune.training.optim import (
     linear_with_warmup,
 )
 from attune.training.run import Run, resume_point, start_run, weights_writer
-from attune.training.runtime import peak_memory_gb, rng_state, set_rng_state
+from attune.training.runtime import (
+    peak_memory_gb,
+    resolve_device,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from attune.training.step import (
     StepResult,
     TrainingError,
@@ -56,8 +63,11 @@ __all__ = [
     "linear_with_warmup",
     "optimizer_step",
     "peak_memory_gb",
+    "resolve_device",
+    "resolve_dtype",
     "resume_point",
     "rng_state",
+    "seed_everything",
     "set_rng_state",
     "start_run",
     "token_count",

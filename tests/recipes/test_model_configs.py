@@ -1,0 +1,62 @@
+"""The shipped per-model configs run as they are, on a tiny checkpoint of the same family
+(the weights and data paths overridden, nothing else)."""
+
+import json
+
+import pytest
+import torch
+
+from attune.demo.tiny import write_tokenizer
+from tests.recipes.conftest import losses, train
+
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+@pytest.mark.parametrize(
+    ("config", "recipe", "hf_config"),
+    [
+        ("qwen2_5/0.5B_lora", "lora_finetune_single_device", "Qwen2Config"),
+        ("gemma2/2B_full", "full_finetune_single_device", "Gemma2Config"),
+    ],
+)
+def test_shipped_config_trains_a_tiny_model_of_its_family(tmp_path, config, recipe, hf_config):
+    transformers = pytest.importorskip("transformers")
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    write_tokenizer(checkpoint)
+    vocab = len(json.loads((checkpoint / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    torch.manual_seed(0)
+    model_config = getattr(transformers, hf_config)(vocab_size=vocab, **SHAPE)
+    transformers.AutoModelForCausalLM.from_config(model_config).save_pretrained(checkpoint)
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+            for w in ["red", "blue", "cat", "dog", "sun", "moon"] * 4
+        )
+    )
+    train(
+        recipe,
+        config,
+        f"output_dir={tmp_path / 'run'}",
+        f"model.path={checkpoint}",
+        f"dataset.source={data}",
+        f"dataset.cache_dir={tmp_path / 'hf'}",
+        "dataset.num_proc=1",
+        "device=cpu",
+        "max_steps=3",
+        "batch_size=2",
+        "gradient_accumulation_steps=2",
+    )
+    assert len(losses(tmp_path / "run")) == 3
+    assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()
