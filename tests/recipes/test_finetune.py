@@ -176,3 +176,31 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, checkpoint):
     )
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "resume_from_checkpoint=true", "no complete checkpoint")
+
+
+def test_epochs_validation_autocast_and_activation_checkpointing(tmp_path, checkpoint):
+    validation = {
+        "_component_": "attune.demo.reverse_words_dataset",
+        "split": "test",
+        "cache_dir": str(tmp_path.parent / "hf_cache"),
+    }
+    config = write_config(
+        tmp_path,
+        checkpoint,
+        "tiny/full",
+        max_steps=None,
+        epochs=2,
+        max_steps_per_epoch=3,
+        eval_every_n_steps=2,
+        validation_dataset=validation,
+        autocast="bf16",
+        enable_activation_checkpointing=True,
+    )
+    train("full_finetune_single_device", config)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["step"], r["epoch"]) for r in records] == [
+        (1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 1)
+    ]  # fmt: skip
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6]
+    assert all(r["val_loss"] > 0 for r in records if "val_loss" in r)
