@@ -4,7 +4,13 @@ This package knows files, not models: :mod:`attune.models` maps the tensors it r
 decoder.
 """
 
-from attune.checkpoint.atomic import atomic_folder
+from attune.checkpoint.atomic import atomic_folder, publish_folder
 from attune.checkpoint.safetensors_io import iter_safetensors, weight_files, write_safetensors
 
-__all__ = ["atomic_folder", "iter_safetensors", "weight_files", "write_safetensors"]
+__all__ = [
+    "atomic_folder",
+    "iter_safetensors",
+    "publish_folder",
+    "weight_files",
+    "write_safetensors",
+]

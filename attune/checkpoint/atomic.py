@@ -27,8 +27,14 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    publish_folder(temporary, final)
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Rename a finished ``staging`` folder to ``final``, replacing an existing one only once
+    the new one is in place under its name's parent."""
     retired = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         final.rename(retired)
-    temporary.rename(final)
+    staging.rename(final)
     shutil.rmtree(retired, ignore_errors=True)

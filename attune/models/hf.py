@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,23 @@ def from_pretrained(
 
 
 def _read_weights(
-    path: str | Path, model: TransformerDecoder, dtype: torch.dtype, device: str | torch.device
+    path: str | Path,
+    model: TransformerDecoder,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    ignore: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of a HF folder under the model's names, checked against the model's own
-    (every one present, none unexpected, shapes equal), in ``dtype`` on ``device``."""
+    (every one present, none unexpected, shapes equal), in ``dtype`` on ``device``. Model
+    tensors for which ``ignore`` is true (adapters, say) are not expected in the folder."""
     hf_config = model.config.hf_config
     family = family_of(hf_config)
     config = model.config
-    expected = dict(model.state_dict(keep_vars=True))
+    expected = {
+        name: tensor
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if ignore is None or not ignore(name)
+    }
     if model.ties_embeddings:
         expected.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
@@ -145,18 +155,39 @@ def _read_weights(
     return loaded
 
 
-def load_weights(model: TransformerDecoder, path: str | Path) -> TransformerDecoder:
+def load_weights(
+    model: TransformerDecoder, path: str | Path, ignore: Callable[[str], bool] | None = None
+) -> TransformerDecoder:
     """Copy a HF folder's weights into an existing model (the folder must be of the same
     architecture, such as a checkpoint of it); they keep the model's dtype and device.
+
+    A model sharded with FSDP2 (DTensor parameters) gets each tensor's local shard only: every
+    process reads the memory-mapped file and copies its own slice.
+
+    Args:
+        model: the model to fill.
+        path: the HF folder.
+        ignore: model tensors not to expect in the folder (LoRA adapters, say).
 
     Raises:
         CheckpointError: as :func:`from_pretrained`.
     """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     reference = model.embed_tokens.weight
+    device = reference.to_local().device if isinstance(reference, DTensor) else reference.device
+    targets = dict(model.state_dict(keep_vars=True))
+    loaded = _read_weights(path, model, reference.dtype, "cpu", ignore)
     with torch.no_grad():
-        model.load_state_dict(
-            _read_weights(path, model, reference.dtype, reference.device), strict=False
-        )
+        for name, tensor in loaded.items():
+            target = targets[name]
+            if isinstance(target, DTensor):
+                shard = distribute_tensor(
+                    tensor, target.device_mesh, target.placements, src_data_rank=None
+                )
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(tensor.to(device))
     return model
 
 

@@ -7,7 +7,9 @@ from attune.peft.lora import (
     LoraSettings,
     adapter_state_dict,
     apply_lora,
+    is_adapter_key,
     merge_lora,
+    merge_state_dict,
     merged_state_dict,
 )
 
@@ -17,8 +19,10 @@ __all__ = [
     "LoraSettings",
     "adapter_state_dict",
     "apply_lora",
+    "is_adapter_key",
     "load_adapter",
     "merge_lora",
+    "merge_state_dict",
     "merged_state_dict",
     "read_adapter_settings",
     "save_adapter",

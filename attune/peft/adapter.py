@@ -9,26 +9,25 @@ peft's tensor names: ``base_model.model.`` + the HF module name + ``.lora_A.weig
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from attune.errors import CheckpointError
 from attune.models import TransformerDecoder
 from attune.models.families import family_of, llama_keys_from_hf, llama_keys_to_hf
 from attune.models.hf import copy_tokenizer_files
-from attune.peft.lora import LoraSettings, adapter_state_dict, apply_lora
+from attune.peft.lora import LoraSettings, adapter_state_dict, apply_lora, is_adapter_key
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def _adapted_layers(model: nn.Module) -> list[str]:
-    names = {name.rsplit(".lora_", 1)[0] for name in adapter_state_dict(model)}
-    return sorted(names)
+def _adapted_layers(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted({name.rsplit(".lora_", 1)[0] for name in state if is_adapter_key(name)})
 
 
 def save_adapter(
@@ -37,6 +36,7 @@ def save_adapter(
     settings: LoraSettings,
     base_model_name_or_path: str | None = None,
     tokenizer_source: str | Path | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's adapters as a peft adapter folder (``folder`` must exist).
 
@@ -46,13 +46,16 @@ def save_adapter(
         settings: the adapters' settings.
         base_model_name_or_path: the base model's Hub id or folder, for peft to find it.
         tokenizer_source: a folder whose tokenizer files to copy beside the adapter.
+        state: the model's full state dict, when it is not ``model.state_dict()`` (a sharded
+            model's, gathered).
 
     Raises:
         CheckpointError: a layer HF stores fused with others (Phi-3's q/k/v), which peft cannot
             name on the HF model.
     """
     family = family_of(model.config.hf_config)
-    layers = _adapted_layers(model)
+    state = state if state is not None else model.state_dict()
+    layers = _adapted_layers(state)
     fused = sorted({n.rsplit(".", 1)[-1] for n in layers} & set(family.fused_modules))
     if fused:
         raise CheckpointError(
@@ -61,8 +64,9 @@ def save_adapter(
             "down_proj) or save merged weights (checkpointer.save_merged=true)"
         )
     tensors = {}
-    for name, tensor in adapter_state_dict(model).items():
-        tensors[PEFT_PREFIX + llama_keys_to_hf(name)] = tensor.detach().contiguous().cpu()
+    for name, tensor in state.items():
+        if is_adapter_key(name):
+            tensors[PEFT_PREFIX + llama_keys_to_hf(name)] = tensor.detach().contiguous().cpu()
     folder = Path(folder)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {

@@ -15,7 +15,7 @@ computes in the activations' dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -108,9 +108,11 @@ class LoRALinear(nn.Module):
         self.bias = (
             nn.Parameter(base.bias.detach(), requires_grad=False) if base.bias is not None else None
         )
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        # skip nn.Linear's own random init: the only draw is reset_adapter's, so adapters get
+        # the same values however the model is built (on a device, or on meta then sharded)
+        factory = {"device": weight.device, "dtype": weight.dtype, "bias": False}
+        self.lora_A = torch.nn.utils.skip_init(nn.Linear, self.in_features, rank, **factory)
+        self.lora_B = torch.nn.utils.skip_init(nn.Linear, rank, self.out_features, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_magnitude_vector = (
             nn.Parameter(self.base_weight().norm(dim=1)) if use_dora else None
@@ -221,23 +223,46 @@ def _short(settings: LoraSettings) -> set[str]:
     return {targets} if isinstance(targets, str) else set(targets)
 
 
+def is_adapter_key(name: str) -> bool:
+    """Whether a state-dict key is an adapter tensor (``lora_A``/``lora_B``/DoRA magnitude)."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable adapter tensors, under the model's names (``...q_proj.lora_A.weight``)."""
-    return {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
-    }
+    return {name: t for name, t in model.state_dict().items() if is_adapter_key(name)}
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A base weight as a plain tensor (QLoRA's NF4 weights dequantized)."""
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight
+
+
+@torch.no_grad()
+def merge_state_dict(
+    state: Mapping[str, torch.Tensor], settings: LoraSettings
+) -> dict[str, torch.Tensor]:
+    """A LoRA model's (full) state dict as a plain model's: each adapted weight merged
+    (``W + s B A``, or DoRA's ``m * (W + s B A) / |W + s B A|``), adapter tensors dropped."""
+    merged = {name: tensor for name, tensor in state.items() if not is_adapter_key(name)}
+    for name in state:
+        if not name.endswith(".lora_A.weight"):
+            continue
+        layer = name.removesuffix(".lora_A.weight")
+        weight = _dense(state[f"{layer}.weight"])
+        a, b = state[name], state[f"{layer}.lora_B.weight"]
+        update = weight + (settings.scaling * (b.float() @ a.float())).to(weight.dtype)
+        magnitude = state.get(f"{layer}.lora_magnitude_vector")
+        if magnitude is not None:
+            update = update * (magnitude / update.norm(dim=1))[:, None]
+        merged[f"{layer}.weight"] = update
+    return merged
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as a plain model's: every adapted layer's weight merged, and no
     adapter tensors. The model itself is left as it is."""
-    state = {
-        name: tensor
-        for name, tensor in model.state_dict().items()
-        if name not in adapter_state_dict(model)
-    }
+    state = {name: t for name, t in model.state_dict().items() if not is_adapter_key(name)}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             state[f"{name}.weight"] = module.merged_weight()

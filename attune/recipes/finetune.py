@@ -11,7 +11,7 @@ token-exact accumulation, checkpoints, metrics) live in ``attune.training``.
 import json
 import time
 
-from attune import config, models, peft, training
+from attune import config, training
 
 SCHEMA = {
     "output_dir": str,
@@ -31,6 +31,7 @@ SCHEMA = {
     "compile": config.Field(bool, required=False),
     "enable_activation_checkpointing": config.Field(bool, required=False),
     "num_workers": config.Field(int, required=False),
+    "cpu_offload": config.Field(bool, required=False),
     "model": config.Component(provided=("dtype", "device")),
     "tokenizer": config.Component(),
     "lora": config.Component(required=False),
@@ -47,20 +48,23 @@ SCHEMA = {
 
 @config.parse(SCHEMA)
 def recipe_main(cfg):
-    run = training.start_run(cfg)
+    with training.start_run(cfg) as run:
+        train(cfg, run)
 
-    # Model, adapters, and the checkpoint to resume from
+
+def train(cfg, run):
+    # Model (sharded across processes under torchrun), adapters, and where to resume
     tokenizer = config.instantiate(cfg.tokenizer)
-    model = config.instantiate(cfg.model, dtype=run.dtype, device=run.device)
     lora = config.instantiate(cfg.get("lora"))
-    if lora is not None:
-        peft.apply_lora(model, lora)
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
-    resumed_from, state = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
-    if resumed_from is not None and lora is None:
-        models.load_weights(model, resumed_from)
-    elif resumed_from is not None:
-        model.load_state_dict(state["adapter"], strict=False)
+    resumed_from = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
+    model = training.setup_model(
+        cfg.model,
+        run,
+        lora,
+        weights=resumed_from if lora is None else None,
+        cpu_offload=cfg.get("cpu_offload", False),
+    )
     if cfg.get("enable_activation_checkpointing"):
         training.apply_activation_checkpointing(model)
     if cfg.get("compile"):
@@ -77,6 +81,8 @@ def recipe_main(cfg):
         gradient_accumulation_steps=cfg.get("gradient_accumulation_steps", 1),
         pad_id=pad_id,
         seed=cfg.get("seed", 0),
+        rank=run.world.rank,
+        world_size=run.world.world_size,
         max_steps_per_epoch=cfg.get("max_steps_per_epoch"),
         num_workers=cfg.get("num_workers", 0),
     )
@@ -95,45 +101,44 @@ def recipe_main(cfg):
     answer_check = config.instantiate(cfg.get("answer_check"))
 
     step, tokens_seen = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if resumed_from is not None:
+        state = training.restore_checkpoint(checkpointer, resumed_from, model, optimizer, lora)
         if scheduler is not None:
             scheduler.load_state_dict(state["lr_scheduler"])
         stream.load_state_dict(state["data"])
-        training.set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         run.print(f"resumed from {resumed_from} at step {step}")
     answers = {}
-    if answer_check is not None and state is None:
+    if answer_check is not None and resumed_from is None:
         answers["before"] = answer_check(model, tokenizer)
         run.print("\n".join(answers["before"].lines("before training")))
-
-    write_weights = training.weights_writer(model, checkpointer, lora)
     last_saved = str(resumed_from) if resumed_from is not None else None
 
     def save_checkpoint():
-        training_state = {
+        loop_state = {
             "step": step,
             "tokens_seen": tokens_seen,
             "data": stream.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": training.rng_state(),
-            "adapter": peft.adapter_state_dict(model) if lora is not None else None,
         }
-        return str(checkpointer.save(step, write_weights, training_state))
+        folder = training.save_checkpoint(
+            checkpointer, step, run, model, optimizer, lora, loop_state
+        )
+        return str(folder)
 
     metrics = training.MetricsWriter(
         run.output_dir,
         total_steps,
         extra=config.instantiate(cfg.get("metric_logger")),
-        resume_step=step if state is not None else None,
+        resume_step=step if resumed_from is not None else None,
+        enabled=run.is_main,
     )
     log_every = cfg.get("log_every_n_steps", 1)
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
     with training.StopSignals() as stop:
-        while step < total_steps and stream.epoch < epochs and not stop.requested:
+        stopping = False
+        while step < total_steps and stream.epoch < epochs and not stopping:
             for micro_batches in stream:
                 result = training.backward_step(
                     model, micro_batches, loss_fn, run.device, run.precision
@@ -162,23 +167,26 @@ def recipe_main(cfg):
                         record["grad_norm"] = grad_norm
                     window_tokens, window_start = 0, time.perf_counter()
                 if validation is not None and eval_every and step % eval_every == 0:
-                    batches = training.eval_batches(validation, cfg.batch_size, pad_id)
+                    batches = training.eval_batches(
+                        validation, cfg.batch_size, pad_id, run.world.rank, run.world.world_size
+                    )
                     val_loss = training.evaluate(model, batches, loss_fn, run.device, run.precision)
                     record = {"step": step, **record, "val_loss": val_loss}
                 if record:
                     metrics.log(record)
                 metrics.advance()
-                if checkpointer.due(step) or stop.requested:
+                stopping = run.world.any(stop.requested is not None)
+                if checkpointer.due(step) or stopping:
                     last_saved = save_checkpoint()
-                if step >= total_steps or stop.requested:
+                if step >= total_steps or stopping:
                     break
             else:
                 stream.set_epoch(stream.epoch + 1)
     metrics.close()
 
-    if stop.requested:
+    if stopping:
         run.print(
-            f"stopped by signal {stop.requested} at step {step}; checkpoint {last_saved}; "
+            f"stopped by signal {stop.requested or 'on another rank'} at step {step}; checkpoint {last_saved}; "
             "continue with resume_from_checkpoint=true"
         )
         raise SystemExit(stop.exit_code)
@@ -189,7 +197,8 @@ def recipe_main(cfg):
         answers["after"] = answer_check(model, tokenizer)
         run.print("\n".join(answers["after"].lines("after training")))
         report = {name: vars(value) for name, value in answers.items()}
-        (run.output_dir / "answers.json").write_text(json.dumps(report, indent=2) + "\n")
+        if run.is_main:
+            (run.output_dir / "answers.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

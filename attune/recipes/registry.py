@@ -57,5 +57,7 @@ RECIPES: tuple[Recipe, ...] = (
         "finetune.py",
         ("tiny/lora", *(f"{name}_lora" for name in MODEL_CONFIGS)),
     ),
+    Recipe("full_finetune_distributed", "finetune.py", ("tiny/full",)),
+    Recipe("lora_finetune_distributed", "finetune.py", ("tiny/lora",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
 )

@@ -4,6 +4,7 @@ schedules, the training step, checkpoints, metrics and the held-out answer check
 from attune.training.answer_check import AnswerCheck, AnswerReport
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
+from attune.training.distributed import World
 from attune.training.interrupt import StopSignals
 from attune.training.loss import ChunkedCrossEntropy, token_count
 from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger
@@ -19,7 +20,15 @@ from attune.training.optim import (
     cosine_with_warmup,
     linear_with_warmup,
 )
-from attune.training.run import Run, resume_point, start_run, weights_writer
+from attune.training.run import (
+    Run,
+    restore_checkpoint,
+    resume_point,
+    save_checkpoint,
+    setup_model,
+    start_run,
+    weights_writer,
+)
 from attune.training.runtime import (
     peak_memory_gb,
     resolve_device,
@@ -50,6 +59,7 @@ __all__ = [
     "TensorBoardLogger",
     "TrainingError",
     "WandbLogger",
+    "World",
     "apply_activation_checkpointing",
     "backward_step",
     "build_optimizer",
@@ -65,10 +75,13 @@ __all__ = [
     "peak_memory_gb",
     "resolve_device",
     "resolve_dtype",
+    "restore_checkpoint",
     "resume_point",
     "rng_state",
+    "save_checkpoint",
     "seed_everything",
     "set_rng_state",
+    "setup_model",
     "start_run",
     "token_count",
     "trainable_parameters",

@@ -10,20 +10,34 @@ and the latest ``step_<N>`` is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from attune.checkpoint import atomic_folder
+from attune.checkpoint import publish_folder
 from attune.errors import CheckpointError
+from attune.training.distributed import World
 
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"step_(\d+)")
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it saves "in a single process" whenever no process group exists; that is
+    the one-device case, and intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class Checkpointer:
@@ -72,18 +86,58 @@ class Checkpointer:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, write_weights: Callable[[Path], None], state: dict[str, Any]) -> Path:
-        """Write ``checkpoints/step_<step>``: ``write_weights(folder)`` writes the model or
-        adapter files, then the training state goes beside them. Returns the folder."""
+    def save(
+        self,
+        step: int,
+        write_weights: Callable[[Path], None],
+        state: dict[str, Any],
+        sharded: dict[str, Any] | None = None,
+        world: World | None = None,
+    ) -> Path:
+        """Write ``checkpoints/step_<step>`` and return it.
+
+        ``write_weights(folder)`` writes the model or adapter files (main process); ``state``
+        (plain values) goes to ``training_state/state.pt`` (main process); ``sharded`` (the
+        optimizer and anything else sharded across processes) to ``training_state/sharded``
+        with torch.distributed.checkpoint, every process writing its own shards. All of it
+        goes into a temporary folder that is renamed into place once complete.
+        """
+        world = world or World()
         final = self.directory / f"step_{step}"
-        with atomic_folder(final) as staging:
-            write_weights(staging)
-            (staging / STATE_DIR).mkdir(exist_ok=True)
-            torch.save(state, staging / STATE_DIR / STATE_FILE)
-        if self.keep_last_n:
-            for old in self.checkpoints()[: -self.keep_last_n]:
-                shutil.rmtree(old, ignore_errors=True)
+        staging = self.directory / f".step_{step}.partial"
+        if world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        world.barrier()
+        try:
+            if world.is_main:
+                write_weights(staging)
+            world.barrier()
+            if sharded:
+                with _single_process_quiet():
+                    dcp.save(sharded, checkpoint_id=str(staging / STATE_DIR / SHARDED_DIR))
+            if world.is_main:
+                (staging / STATE_DIR).mkdir(exist_ok=True)
+                torch.save(state, staging / STATE_DIR / STATE_FILE)
+        except BaseException:
+            if world.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        world.barrier()
+        if world.is_main:
+            publish_folder(staging, final)
+            if self.keep_last_n:
+                for old in self.checkpoints()[: -self.keep_last_n]:
+                    shutil.rmtree(old, ignore_errors=True)
+        world.barrier()
         return final
+
+    def load_sharded(self, folder: Path, template: dict[str, Any]) -> dict[str, Any]:
+        """Fill ``template`` (the sharded state as this run lays it out, possibly on another
+        number of processes) from a checkpoint's ``training_state/sharded``."""
+        with _single_process_quiet():
+            dcp.load(template, checkpoint_id=str(Path(folder) / STATE_DIR / SHARDED_DIR))
+        return template
 
     def load_state(self, folder: Path) -> dict[str, Any]:
         """The training state of a checkpoint folder (loaded with ``weights_only=True``)."""

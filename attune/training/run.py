@@ -1,23 +1,39 @@
-"""A run's setting and its outputs: device, dtype, seed, output folder, what a checkpoint
-writes, and where a resume starts."""
+"""A run's setting and its outputs: device, dtype, seed, processes, the model built for them,
+what a checkpoint writes, and where a resume starts."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attune.config import instantiate
 from attune.errors import ConfigError
-from attune.models import TransformerDecoder, save_pretrained
-from attune.peft import LoraSettings, merged_state_dict, save_adapter
+from attune.models import TransformerDecoder, load_weights, save_pretrained
+from attune.peft import LoraSettings, apply_lora, is_adapter_key, merge_state_dict, save_adapter
 from attune.training.checkpointer import Checkpointer
-from attune.training.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from attune.training.distributed import (
+    World,
+    full_state_dict,
+    init_world,
+    materialize,
+    shard_model,
+    shutdown,
+)
+from attune.training.runtime import (
+    autocast,
+    resolve_device,
+    resolve_dtype,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 CONFIG_FILE = "config.yaml"
 
@@ -31,19 +47,18 @@ class Run:
         dtype: the dtype of the weights.
         autocast: the forward pass's autocast dtype name, or None.
         output_dir: the run's folder.
-        rank, world_size: this process among the data-parallel processes.
+        world: this process among the data-parallel processes.
     """
 
     device: torch.device
     dtype: torch.dtype
     autocast: str | None
     output_dir: Path
-    rank: int = 0
-    world_size: int = 1
+    world: World = field(default_factory=World)
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.world.is_main
 
     def precision(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context for one forward pass (or a no-op)."""
@@ -56,63 +71,169 @@ class Run:
             sys.stdout.flush()
 
 
-def start_run(cfg: DictConfig) -> Run:
-    """Seed, resolve the device and dtypes, create ``output_dir`` and keep the resolved config
-    in it (``config.yaml``)."""
-    run = Run(
-        device=resolve_device(cfg.get("device", "auto")),
-        dtype=resolve_dtype(cfg.get("dtype", "fp32")),
-        autocast=cfg.get("autocast"),
-        output_dir=Path(cfg.output_dir),
-    )
-    if run.autocast is not None:
-        resolve_dtype(run.autocast)  # a bad name fails now, not at the first forward pass
-    seed_everything(cfg.get("seed", 0))
-    if run.is_main:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run.output_dir / CONFIG_FILE, resolve=True)
-    return run
+@contextlib.contextmanager
+def start_run(cfg: DictConfig) -> Iterator[Run]:
+    """Join the processes (under torchrun), seed, resolve the device and dtypes, create
+    ``output_dir`` and keep the resolved config in it (``config.yaml``). Leaving the block
+    leaves the process group, whatever happened inside it."""
+    requested = cfg.get("device", "auto")
+    device_type = resolve_device(requested).type
+    world = init_world(device_type)
+    try:
+        run = Run(
+            device=resolve_device(requested, world.local_rank),
+            dtype=resolve_dtype(cfg.get("dtype", "fp32")),
+            autocast=cfg.get("autocast"),
+            output_dir=Path(cfg.output_dir),
+            world=world,
+        )
+        if run.autocast is not None:
+            resolve_dtype(run.autocast)  # a bad name fails now, not at the first forward pass
+        seed_everything(cfg.get("seed", 0))
+        if run.is_main:
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run.output_dir / CONFIG_FILE, resolve=True)
+        world.barrier()
+        yield run
+    finally:
+        shutdown(world)
+
+
+def setup_model(
+    node: Any,
+    run: Run,
+    lora: LoraSettings | None = None,
+    weights: str | Path | None = None,
+    cpu_offload: bool = False,
+) -> TransformerDecoder:
+    """Build the ``model`` component for this process, with LoRA adapters when given.
+
+    On one process the model loads as the component loads it. Under torchrun it is built on
+    the meta device, sharded with FSDP2 (per layer, then the root), and each process loads
+    only its shards; adapters start with the values one process would give them.
+
+    Args:
+        node: the ``model`` config component (called with ``dtype`` and ``device``).
+        run: the run.
+        lora: adapter settings, or None for full training.
+        weights: a HF folder to load the weights from instead of the model's own (the
+            checkpoint a full run resumes from).
+        cpu_offload: keep sharded parameters and optimizer state on the CPU.
+    """
+    distributed = run.world.distributed
+    model = instantiate(node, dtype=run.dtype, device="meta" if distributed else run.device)
+    if lora is not None:
+        apply_lora(model, lora)
+    if distributed:
+        compute = resolve_dtype(run.autocast) if run.autocast else None
+        shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)
+        materialize(model, run.device, weights or model.config.source, lora)
+    elif weights is not None:
+        load_weights(model, weights, ignore=is_adapter_key)
+    return model
 
 
 def weights_writer(
-    model: TransformerDecoder, checkpointer: Checkpointer, lora: LoraSettings | None = None
-) -> Callable[[Path], None]:
-    """What a checkpoint folder holds: the full model as a HF folder, or for a LoRA run the
-    peft adapter (and, with ``save_merged``, the merged model in ``merged/``). Tokenizer files
-    are copied from the folder the model was loaded from."""
+    model: TransformerDecoder,
+    checkpointer: Checkpointer,
+    state: Mapping[str, torch.Tensor],
+    lora: LoraSettings | None = None,
+):
+    """Writes a checkpoint folder's weights from the model's full ``state``: the HF folder,
+    or for a LoRA run the peft adapter (and, with ``save_merged``, the merged model in
+    ``merged/``). Tokenizer files are copied from the folder the model was loaded from."""
     source = model.config.source
+    size = checkpointer.max_shard_size
 
-    def write_model(folder: Path) -> None:
-        save_pretrained(model, folder, source=source, max_shard_size=checkpointer.max_shard_size)
-
-    def write_adapter(folder: Path) -> None:
-        save_adapter(model, folder, lora, base_model_name_or_path=source, tokenizer_source=source)
+    def write(folder: Path) -> None:
+        if lora is None:
+            save_pretrained(model, folder, source=source, max_shard_size=size, state=state)
+            return
+        save_adapter(
+            model,
+            folder,
+            lora,
+            base_model_name_or_path=source,
+            tokenizer_source=source,
+            state=state,
+        )
         if checkpointer.save_merged:
+            merged = merge_state_dict(state, lora)
             save_pretrained(
-                model,
-                folder / "merged",
-                source=source,
-                max_shard_size=checkpointer.max_shard_size,
-                state=merged_state_dict(model),
+                model, folder / "merged", source=source, max_shard_size=size, state=merged
             )
 
-    return write_model if lora is None else write_adapter
+    return write
 
 
-def resume_point(
-    checkpointer: Checkpointer, resume: bool
-) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to resume from and its training state, or ``(None, None)``.
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lora: bool):
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    sharded: dict[str, Any] = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    if lora:
+        model_state = get_model_state_dict(model)
+        sharded["adapter"] = {k: v for k, v in model_state.items() if is_adapter_key(k)}
+    return sharded
+
+
+def save_checkpoint(
+    checkpointer: Checkpointer,
+    step: int,
+    run: Run,
+    model: TransformerDecoder,
+    optimizer: torch.optim.Optimizer,
+    lora: LoraSettings | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write ``checkpoints/step_<step>``: the weights (gathered from every process), the
+    optimizer (and adapters) sharded with torch.distributed.checkpoint, and ``state`` (the
+    loop's own: step, data position, schedule...) with the RNG states. A collective."""
+    full = full_state_dict(model, run.world)
+    plain = {**state, "rng": rng_state()}
+    sharded = _sharded_state(model, optimizer, lora is not None)
+    writer = weights_writer(model, checkpointer, full, lora)
+    return checkpointer.save(step, writer, plain, sharded=sharded, world=run.world)
+
+
+def restore_checkpoint(
+    checkpointer: Checkpointer,
+    folder: Path,
+    model: TransformerDecoder,
+    optimizer: torch.optim.Optimizer,
+    lora: LoraSettings | None,
+) -> dict[str, Any]:
+    """Load a checkpoint's optimizer (and adapters) into this run's layout, which may have
+    another number of processes, restore the RNG states, and return the loop's state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    sharded = checkpointer.load_sharded(folder, _sharded_state(model, optimizer, lora is not None))
+    if lora is not None:
+        set_model_state_dict(model, sharded["adapter"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    state = checkpointer.load_state(folder)
+    set_rng_state(state["rng"])
+    return state
+
+
+def resume_point(checkpointer: Checkpointer, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None.
 
     Raises:
         ConfigError: ``resume_from_checkpoint`` is set but there is no checkpoint.
     """
     if not resume:
-        return None, None
+        return None
     folder = checkpointer.latest()
     if folder is None:
         raise ConfigError(
             f"resume_from_checkpoint=true, but {checkpointer.directory} holds no complete "
             "checkpoint; start without it"
         )
-    return folder, checkpointer.load_state(folder)
+    return folder

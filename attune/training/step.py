@@ -41,6 +41,12 @@ def input_count(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["tokens"].numel()
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
@@ -90,12 +96,16 @@ def backward_step(
     local_tokens = sum(token_count(batch["labels"]) for batch in micro_batches)
     total_tokens = _all_ranks_sum(local_tokens, device)
     input_tokens = _all_ranks_sum(sum(input_count(batch) for batch in micro_batches), device)
+    # FSDP averages gradients over ranks, but each rank's loss is already its share of the
+    # global token mean: scale by the world size so the average is the sum (gloo has no
+    # pre-multiplied sum to ask FSDP for instead)
+    scale = dist.get_world_size() if _is_sharded(model) else 1
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         batch = to_device(batch, device)
         context = precision() if precision is not None else None
         loss, _ = summed_loss(model, batch, loss_fn, context)
-        (loss / max(total_tokens, 1)).backward()
+        (loss * (scale / max(total_tokens, 1))).backward()
         loss_sum += loss.detach()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(loss_sum)
@@ -112,7 +122,9 @@ def optimizer_step(
     clear the gradients. Returns the gradient norm before clipping, when clipped."""
     norm = None
     if max_grad_norm is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm))
+        total = torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm)
+        # with sharded (DTensor) gradients the norm is a DTensor of the global norm
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

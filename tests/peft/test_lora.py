@@ -140,3 +140,17 @@ def test_fused_phi3_projections_cannot_be_exported_as_a_peft_adapter(tmp_path):
     out.mkdir()
     with pytest.raises(CheckpointError, match=r"stores q_proj fused.*save_merged"):
         save_adapter(model, out, LoraSettings(target_modules=["q_proj", "o_proj"]))
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+def test_merging_a_state_dict_equals_merging_the_modules(checkpoint, case):
+    from attune.peft import merge_state_dict
+
+    model = models.from_pretrained(checkpoint)
+    apply_lora(model, SETTINGS[case])
+    randomize_adapters(model)
+    from_modules = merged_state_dict(model)
+    from_state = merge_state_dict(model.state_dict(), SETTINGS[case])
+    assert from_modules.keys() == from_state.keys()
+    for name, tensor in from_modules.items():
+        assert (tensor - from_state[name]).abs().max().item() < 1e-5, name

@@ -68,8 +68,9 @@ def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Pa
     return path
 
 
-def train(recipe: str, config: Path, *overrides: str, env: dict | None = None):
-    result = run_tune("run", recipe, "--config", str(config), *overrides, env=env)
+def train(recipe: str, config: Path, *overrides: str, env: dict | None = None, launcher=()):
+    """``tune run [launcher options] recipe --config config overrides``; it must succeed."""
+    result = run_tune("run", *launcher, recipe, "--config", str(config), *overrides, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

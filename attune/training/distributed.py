@@ -1,0 +1,172 @@
+"""Many processes with torch's own engine: the process group, FSDP2 sharding, weights loaded
+straight into shards, full state gathered for saving, and a teardown that never hangs.
+
+Launched by torchrun (``tune run --nproc_per_node N ...``), every process runs the same recipe.
+On one process none of this is used and the model is an ordinary module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from attune.errors import ConfigError
+from attune.models import load_weights
+from attune.models.rope import RotaryEmbedding
+from attune.peft import LoRALinear, LoraSettings, is_adapter_key
+
+
+@dataclass
+class World:
+    """This process among the data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: Any = None  # a 1-D DeviceMesh when distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (a collective: every process must ask)."""
+        if not self.distributed:
+            return bool(flag)
+        value = torch.tensor([int(flag)], device=_collective_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def init_world(device_type: str) -> World:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); one process alone
+    joins nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    mesh = init_device_mesh(device_type, (world_size,))
+    return World(dist.get_rank(), world_size, local_rank, mesh)
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group. Every rank first waits for the others, so no collective is in
+    flight while the group is torn down (a gloo group destroyed mid-collective, or left to the
+    interpreter's exit, can abort the process)."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_model(
+    model: nn.Module,
+    world: World,
+    compute_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> None:
+    """FSDP2: shard each decoder layer, then the rest at the root.
+
+    Args:
+        model: the model (on the meta device, or materialized).
+        world: the processes to shard over.
+        compute_dtype: gather parameters in this dtype for the forward and backward passes
+            (gradients are reduced in fp32); None keeps the parameters' dtype.
+        cpu_offload: keep parameters, gradients and optimizer state on the CPU.
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    options = {
+        "mesh": world.mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None
+        ),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    }
+    for layer in model.layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not hasattr(target, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module, device: torch.device, weights: str | Path, lora: LoraSettings | None
+) -> None:
+    """Give a model built on the meta device (and sharded) real storage on ``device``, load
+    the HF folder ``weights`` into it shard by shard, and initialise any LoRA adapters exactly
+    as on one device (the same full values, drawn in the same order, then sliced)."""
+    if lora is not None and lora.quantize_base:
+        raise ConfigError(
+            "lora.quantize_base (QLoRA) runs on one process; for several, use plain LoRA with "
+            "bf16 weights"
+        )
+    model.to_empty(device=device)
+    load_weights(model, weights, ignore=is_adapter_key)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters(device)
+        if isinstance(module, LoRALinear):
+            a = torch.empty(module.lora_A.weight.shape, dtype=module.lora_A.weight.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            _local(module.lora_A.weight).copy_(_local(_shard_of(a, module.lora_A.weight)))
+            _local(module.lora_B.weight).zero_()
+            if module.lora_magnitude_vector is not None:
+                # rows are sharded alike for the weight and its per-row magnitude
+                norms = _local(module.weight).float().norm(dim=1)
+                _local(module.lora_magnitude_vector).copy_(norms)
+
+
+def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on the main process, on the CPU (an empty dict on the
+    others). A collective: every process must call it."""
+    if not world.distributed:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

@@ -1,0 +1,80 @@
+"""The same recipe on 2 processes (gloo, CPU): the losses of 1 process with the same global
+batch, resume across process counts, and outputs that transformers and peft load."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from attune import models
+from attune.peft import load_adapter
+from tests.recipes.conftest import losses, train, write_config
+
+TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
+CASES = [("full_finetune_distributed", "tiny/full"), ("lora_finetune_distributed", "tiny/lora")]
+
+
+def run_on(processes, recipe, config, *overrides):
+    """Train on ``processes`` processes with the same global batch of 4."""
+    launcher = ("--nproc_per_node", str(processes)) if processes > 1 else ()
+    return train(recipe, config, f"batch_size={4 // processes}", *overrides, launcher=launcher)
+
+
+def close(a, b, tolerance=1e-5):
+    return len(a) == len(b) and all(abs(x - y) < tolerance for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(("recipe", "base"), CASES)
+def test_two_processes_give_the_losses_and_outputs_of_one(tmp_path, checkpoint, recipe, base):
+    results = {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        config = write_config(folder, checkpoint, base, max_steps=6)
+        run_on(processes, recipe, config)
+        results[processes] = folder / "run"
+    one, two = losses(results[1]), losses(results[2])
+    assert close(one, two), (one, two)
+    saved = {n: results[n] / "checkpoints" / "step_6" for n in (1, 2)}
+    if base == "tiny/full":
+        logits = {n: models.from_pretrained(saved[n])(TOKENS).detach() for n in (1, 2)}
+        transformers = pytest.importorskip("transformers")
+        reference = transformers.AutoModelForCausalLM.from_pretrained(saved[2]).eval()
+        with torch.no_grad():
+            assert (reference(TOKENS).logits - logits[2]).abs().max().item() < 1e-4
+    else:
+        logits = {}
+        for n in (1, 2):
+            model = models.from_pretrained(checkpoint)
+            load_adapter(model, saved[n])
+            logits[n] = model(TOKENS).detach()
+        peft = pytest.importorskip("peft")
+        transformers = pytest.importorskip("transformers")
+        base_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        reference = peft.PeftModel.from_pretrained(base_model, saved[2]).eval()
+        with torch.no_grad():
+            assert (reference(TOKENS).logits - logits[2]).abs().max().item() < 1e-4
+    assert (logits[1] - logits[2]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("recipe", "base"), CASES)
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(
+    tmp_path, checkpoint, recipe, base, first, then
+):
+    overrides = {
+        "max_steps": 6,
+        "checkpointer.save_every_n_steps": 3,
+        "checkpointer.keep_last_n": None,
+    }
+    config = write_config(tmp_path, checkpoint, base, **overrides)
+    run_on(first, recipe, config)
+    run = tmp_path / "run"
+    straight = losses(run)
+    shutil.rmtree(run / "checkpoints" / "step_6")
+    run_on(then, recipe, config, "resume_from_checkpoint=true")
+    resumed = losses(run)
+    assert close(resumed, straight), (resumed, straight)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
