@@ -162,6 +162,7 @@ def train(cfg, run):
                         "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                         "tokens_seen": tokens_seen,
                         "peak_memory_gb": training.peak_memory_gb(run.device),
+                        "state_memory_gb": training.state_memory_gb(model, optimizer),
                     }
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm

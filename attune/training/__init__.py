@@ -36,6 +36,7 @@ from attune.training.runtime import (
     rng_state,
     seed_everything,
     set_rng_state,
+    state_memory_gb,
 )
 from attune.training.step import (
     StepResult,
@@ -83,6 +84,7 @@ __all__ = [
     "set_rng_state",
     "setup_model",
     "start_run",
+    "state_memory_gb",
     "token_count",
     "trainable_parameters",
     "weights_writer",

@@ -95,3 +95,20 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def state_memory_gb(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """This process's memory for parameters, gradients and optimizer state (its shards, when
+    the model is sharded), in GiB. Gradients count as the trainable parameters' size, which a
+    step holds between the backward pass and the optimizer (they are freed after it)."""
+
+    def local_bytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return local.numel() * local.element_size()
+
+    total = 0
+    for param in model.parameters():
+        total += local_bytes(param) * (2 if param.requires_grad else 1)
+    for state in optimizer.state.values():
+        total += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return total / 2**30
