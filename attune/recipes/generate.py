@@ -2,11 +2,15 @@
 
 Each prompt is rendered with the model's chat template (``chat: false`` encodes it as plain
 text), answered with the KV cache (greedy at ``temperature: 0``), and printed. ``adapter``
-applies a peft LoRA adapter folder (one a LoRA run wrote) to the base model first.
+applies a peft LoRA adapter folder (one a LoRA run wrote) to the base model first;
+``output_file`` also writes each prompt, answer and answer's token ids as a JSON line.
 
     tune run generate --config tiny/generate
     tune run generate --config tiny/generate adapter=/tmp/attune/tiny_lora/checkpoints/step_1000
 """
+
+import json
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -29,6 +33,7 @@ SCHEMA = {
     "top_k": config.Field(int | None, required=False),
     "top_p": config.Field(float | None, required=False),
     "batch_size": config.Field(int, required=False),
+    "output_file": config.Field(str | None, required=False),
 }
 
 
@@ -71,6 +76,7 @@ def recipe_main(cfg):
         inputs = [tokenizer.encode(p) for p in prompts]
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
     batch_size = cfg.get("batch_size", 8)
+    records = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             answers = models.generate(
@@ -88,6 +94,10 @@ def recipe_main(cfg):
                 text = tokenizer.decode(answer, skip_special_tokens=True)
                 shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
                 print(f"> {shown}\n{text}\n", flush=True)
+                records.append({"prompt": prompt, "answer": text, "tokens": answer})
+    if cfg.get("output_file"):
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        Path(cfg.output_file).write_text(lines, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from attune.demo.tiny import write_tokenizer
 from tests.conftest import run_tune
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
+def small_llama(folder: Path, **extra) -> Path:
+    """A 2-layer random Llama (transformers' own init) with the demo tokenizer."""
     transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("small_llama")
+    folder.mkdir(parents=True, exist_ok=True)
     write_tokenizer(folder)
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     config = transformers.LlamaConfig(
@@ -30,10 +30,16 @@ def checkpoint(tmp_path_factory) -> Path:
         eos_token_id=2,
         pad_token_id=0,
         bos_token_id=None,
+        **extra,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return small_llama(tmp_path_factory.mktemp("small_llama"))
 
 
 def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Path:

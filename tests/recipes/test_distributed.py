@@ -9,7 +9,7 @@ import torch
 
 from attune import models
 from attune.peft import load_adapter
-from tests.recipes.conftest import losses, train, write_config
+from tests.recipes.conftest import losses, small_llama, train, write_config
 
 TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
 CASES = [("full_finetune_distributed", "tiny/full"), ("lora_finetune_distributed", "tiny/lora")]
@@ -78,3 +78,21 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(
     assert close(resumed, straight), (resumed, straight)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tied_embeddings_stay_tied_when_sharded(tmp_path):
+    checkpoint = small_llama(tmp_path / "tied", tie_word_embeddings=True)
+    results = {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        run_on(
+            processes,
+            "full_finetune_distributed",
+            write_config(folder, checkpoint, "tiny/full", max_steps=4),
+        )
+        results[processes] = folder / "run"
+    assert close(losses(results[1]), losses(results[2]))
+    saved = [models.from_pretrained(results[n] / "checkpoints" / "step_4") for n in (1, 2)]
+    assert saved[1].lm_head.weight is saved[1].embed_tokens.weight
+    assert (saved[0](TOKENS) - saved[1](TOKENS)).abs().max().item() < 1e-4

@@ -40,9 +40,10 @@ def run_generate(checkpoint, tmp_path, *extra):
         "max_new_tokens: 6\n"
         f"prompts: {json.dumps(PROMPTS)}\n"
     )
-    result = run_tune("run", "generate", "--config", str(config), *extra)
+    output = tmp_path / "answers.jsonl"
+    result = run_tune("run", "generate", "--config", str(config), f"output_file={output}", *extra)
     assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return [json.loads(line) for line in output.read_text().splitlines()]
 
 
 def prompt_ids(tok, prompt):
@@ -54,15 +55,17 @@ def test_greedy_answers_equal_transformers_generate(tmp_path, sharp_checkpoint):
     transformers = pytest.importorskip("transformers")
     tok = tokenizer.from_pretrained(sharp_checkpoint)
     reference = transformers.AutoModelForCausalLM.from_pretrained(sharp_checkpoint).eval()
-    expected = ""
+    expected = []
     for prompt in PROMPTS:
         ids = prompt_ids(tok, prompt)
         out = reference.generate(
             torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_id
         )
-        answer = tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
-        expected += f"> {prompt}\n{answer}\n\n"
-    assert run_generate(sharp_checkpoint, tmp_path) == expected
+        expected.append(out[0, len(ids) :].tolist())
+    records = run_generate(sharp_checkpoint, tmp_path)
+    assert [r["tokens"] for r in records] == expected
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert records[0]["answer"] == tok.decode(expected[0], skip_special_tokens=True)
 
 
 def test_an_adapter_changes_the_answers_as_the_adapted_model_gives_them(tmp_path, sharp_checkpoint):
@@ -82,5 +85,5 @@ def test_an_adapter_changes_the_answers_as_the_adapted_model_gives_them(tmp_path
         answer = models.generate(model, [prompt_ids(tok, PROMPTS[0])], 6, stop_tokens=[2])[0]
     only_first = f"prompts=['{PROMPTS[0]}']"
     adapted = run_generate(sharp_checkpoint, tmp_path, f"adapter={adapter}", only_first)
-    assert adapted == f"> {PROMPTS[0]}\n{tok.decode(answer, skip_special_tokens=True)}\n\n"
+    assert [r["tokens"] for r in adapted] == [answer]
     assert adapted != run_generate(sharp_checkpoint, tmp_path, only_first)
