@@ -186,8 +186,9 @@ def train(cfg, run):
     metrics.close()
 
     if stopping:
+        signal_name = stop.requested or "on another rank"
         run.print(
-            f"stopped by signal {stop.requested or 'on another rank'} at step {step}; checkpoint {last_saved}; "
+            f"stopped by signal {signal_name} at step {step}; checkpoint {last_saved}; "
             "continue with resume_from_checkpoint=true"
         )
         raise SystemExit(stop.exit_code)
