@@ -73,7 +73,7 @@ def train(cfg, run):
 
     # Data, optimizer, schedule, loss
     dataset = config.instantiate(cfg.dataset, tokenizer=tokenizer)
-    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    pad_id = tokenizer.padding_id
     run.print(f"{len(dataset)} training examples; {dataset.stats.summary(dataset.max_seq_len)}")
     stream = training.BatchStream(
         dataset,

@@ -74,7 +74,7 @@ def recipe_main(cfg):
         ]
     else:
         inputs = [tokenizer.encode(p) for p in prompts]
-    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    pad_id = tokenizer.padding_id
     batch_size = cfg.get("batch_size", 8)
     records = []
     with torch.inference_mode():

@@ -153,6 +153,12 @@ class Tokenizer:
         return self.token_id(self.special_tokens["pad_token"])
 
     @property
+    def padding_id(self) -> int:
+        """The id to pad batches with: the pad token, else EOS, else 0 (padding is never
+        attended nor trained, so any id works; a real one keeps embeddings in range)."""
+        return next(i for i in (self.pad_id, self.eos_id, 0) if i is not None)
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 

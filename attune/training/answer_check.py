@@ -68,14 +68,13 @@ class AnswerCheck:
             )
             expected.append(messages[-1]["content"].strip())
         answers = []
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         for start in range(0, len(prompts), self.batch_size):
             outputs = generate(
                 model,
                 prompts[start : start + self.batch_size],
                 self.max_new_tokens,
                 stop_tokens=tokenizer.stop_token_ids,
-                pad_id=pad_id,
+                pad_id=tokenizer.padding_id,
             )
             answers += [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
         model.train(was_training)

@@ -58,25 +58,21 @@ def _warmup(step: int, num_warmup_steps: int) -> float | None:
     return None
 
 
-def _cosine(
-    step: int, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float
-) -> float:
+def _decayed(shape, step: int, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float):
+    """Warmup, then ``shape(progress)`` (1 -> 0 over the rest) scaled into [min_lr_ratio, 1]."""
     warm = _warmup(step, num_warmup_steps)
     if warm is not None:
         return warm
     progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape(min(progress, 1.0))
 
 
-def _linear(
-    step: int, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float
-) -> float:
-    warm = _warmup(step, num_warmup_steps)
-    if warm is not None:
-        return warm
-    progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * max(0.0, 1.0 - progress)
+def _cosine_shape(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _linear_shape(progress: float) -> float:
+    return 1.0 - progress
 
 
 def _constant(step: int, num_warmup_steps: int) -> float:
@@ -95,7 +91,8 @@ def cosine_with_warmup(
     return LambdaLR(
         optimizer,
         functools.partial(
-            _cosine,
+            _decayed,
+            _cosine_shape,
             num_warmup_steps=num_warmup_steps,
             num_training_steps=num_training_steps,
             min_lr_ratio=min_lr_ratio,
@@ -113,7 +110,8 @@ def linear_with_warmup(
     return LambdaLR(
         optimizer,
         functools.partial(
-            _linear,
+            _decayed,
+            _linear_shape,
             num_warmup_steps=num_warmup_steps,
             num_training_steps=num_training_steps,
             min_lr_ratio=min_lr_ratio,
