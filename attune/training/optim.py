@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -58,7 +58,13 @@ def _warmup(step: int, num_warmup_steps: int) -> float | None:
     return None
 
 
-def _decayed(shape, step: int, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float):
+def _decayed(
+    shape: Callable[[float], float],
+    step: int,
+    num_warmup_steps: int,
+    num_training_steps: int,
+    min_lr_ratio: float,
+):
     """Warmup, then ``shape(progress)`` (1 -> 0 over the rest) scaled into [min_lr_ratio, 1]."""
     warm = _warmup(step, num_warmup_steps)
     if warm is not None:
