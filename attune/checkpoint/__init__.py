@@ -4,11 +4,12 @@ This package knows files, not models: :mod:`attune.models` maps the tensors it r
 decoder.
 """
 
-from attune.checkpoint.atomic import atomic_folder, publish_folder
+from attune.checkpoint.atomic import atomic_folder, exclusive_lock, publish_folder
 from attune.checkpoint.safetensors_io import iter_safetensors, weight_files, write_safetensors
 
 __all__ = [
     "atomic_folder",
+    "exclusive_lock",
     "iter_safetensors",
     "publish_folder",
     "weight_files",

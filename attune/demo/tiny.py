@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from attune.checkpoint import atomic_folder
+from attune.checkpoint import atomic_folder, exclusive_lock
 from attune.data.collate import labels_from_mask, pad_collate
 from attune.data.formats import instruction_messages
 from attune.demo.reverse_words import corpus, echo_rows
@@ -128,6 +128,14 @@ def tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
     folder = Path(cache_dir or cache_root()) / f"tiny-v{VERSION}"
     if (folder / "config.json").is_file():
         return folder
+    # every rank of a torchrun job asks at once: one builds, the others wait and reuse it
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):
+        if not (folder / "config.json").is_file():
+            _write_checkpoint(folder)
+    return folder
+
+
+def _write_checkpoint(folder: Path) -> None:
     with atomic_folder(folder) as staging, tempfile.TemporaryDirectory() as scratch:
         # save_pretrained writes a folder of its own: build beside, then move in
         tokenizer_folder = Path(scratch) / "tokenizer"
@@ -136,7 +144,6 @@ def tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
         _write_model(Path(scratch) / "tiny", tokenizer_folder)
         for file in (Path(scratch) / "tiny").iterdir():
             shutil.move(str(file), staging / file.name)
-    return folder
 
 
 def tiny_model(
