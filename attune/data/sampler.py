@@ -1,6 +1,7 @@
 """A sampler whose global order of samples depends on the seed alone.
 
-Each epoch is one permutation of the dataset, drawn from ``(seed, epoch)``. A rank takes the
+Each epoch is one permutation of the dataset, drawn from a generator seeded with
+``seed + epoch`` (as :class:`torch.utils.data.DistributedSampler` does). A rank takes the
 positions ``rank, rank + world_size, ...`` of it, so at every step the ranks together consume
 the next ``world_size`` samples of the same global sequence, whatever the number of ranks or
 the micro-batch size: ranks x micro-batch x accumulation is what makes a global batch, and
@@ -59,7 +60,9 @@ class GlobalOrderSampler(Sampler[Any]):
         """The whole epoch's sequence of dataset indices, as every rank sees it."""
         if not self.shuffle:
             return list(range(self.num_samples))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # seeded as torch's DistributedSampler is, so a seed gives the order torchtune and
+        # TRL draw for it: runs of the same data can be compared batch for batch
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def units(self, epoch: int) -> list[Any]:

@@ -8,7 +8,7 @@ from torch import nn
 from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
 from attune.models.layers import DecoderLayer, RMSNorm
-from attune.models.masks import attention_mask, positions_from_document_ids
+from attune.models.masks import DocumentSpans, attention_mask, positions_from_document_ids
 from attune.models.rope import RotaryEmbedding
 
 
@@ -102,7 +102,7 @@ class TransformerDecoder(nn.Module):
                 positions = torch.arange(past, past + seq, device=tokens.device).expand(batch, seq)
         rope = self.rotary(positions)
         local_rope = self.rotary_local(positions) if self.rotary_local is not None else rope
-        masks: dict[int | None, torch.Tensor | None] = {}
+        masks: dict[int | None, torch.Tensor | DocumentSpans | None] = {}
         x = self.embed_tokens(tokens)
         if self.config.embed_scale is not None:
             # rounded to the activations' dtype first, as HF does
@@ -110,19 +110,39 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             window = layer.self_attn.sliding_window
             if window not in masks:
-                masks[window] = attention_mask(
-                    seq,
-                    document_ids=document_ids,
-                    padding_mask=padding_mask,
-                    sliding_window=window if window is not None and window < past + seq else None,
-                    past_len=past,
-                    device=tokens.device,
-                )
+                effective_window = window if window is not None and window < past + seq else None
+                spans = None
+                if self._attends_per_document(document_ids, past, effective_window):
+                    spans = DocumentSpans.from_document_ids(document_ids, padding_mask)
+                if spans is not None:
+                    masks[window] = spans
+                else:
+                    masks[window] = attention_mask(
+                        seq,
+                        document_ids=document_ids,
+                        padding_mask=padding_mask,
+                        sliding_window=effective_window,
+                        past_len=past,
+                        device=tokens.device,
+                    )
             x = layer(x, rope if window is None else local_rope, masks[window], cache)
         if cache is not None:
             cache.advance(seq)
         x = self.norm(x)
         return x if return_hidden else self.output(x)
+
+    def _attends_per_document(
+        self, document_ids: torch.Tensor | None, past: int, window: int | None
+    ) -> bool:
+        # On the CPU, attention run per document beats a block-causal mask; GPU kernels skip
+        # masked blocks themselves, and would pay a host sync and many small launches instead
+        return (
+            document_ids is not None
+            and document_ids.device.type == "cpu"
+            and past == 0
+            and window is None
+            and self.config.attn_softcap is None
+        )
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head on final hidden states: ``[..., hidden]`` -> ``[..., vocab]`` logits

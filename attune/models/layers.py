@@ -12,6 +12,7 @@ from torch import nn
 
 from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
+from attune.models.masks import DocumentSpans
 from attune.models.rope import apply_rope
 
 ACTIVATIONS = {
@@ -87,7 +88,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentSpans | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """
@@ -95,7 +96,7 @@ class Attention(nn.Module):
             x: ``[batch, seq, hidden]``.
             rope: ``(cos, sin)``, each ``[batch, seq, head_dim]``.
             mask: ``[batch or 1, 1, seq, past + seq]`` bool, True where a query may attend a
-                key; None for plain causal attention.
+                key; None for plain causal attention; or the packed documents' spans.
             cache: past keys and values; this pass's are added to it.
 
         Returns:
@@ -112,7 +113,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        if self.softcap is None:
+        if isinstance(mask, DocumentSpans):
+            out = mask.attend(q, k, v, self.scale)
+        elif self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -194,7 +197,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentSpans | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``; see :class:`Attention`."""

@@ -29,3 +29,71 @@ def test_positions_restart_at_each_document():
         [0, 1, 2, 0, 1, 0],
         [0, 1, 2, 3, 4, 5],
     ]
+
+
+def test_per_document_attention_equals_the_block_causal_mask():
+    from attune.models.masks import DocumentSpans, attention_mask
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, seq, dim = 2, 4, 2, 12, 8
+    q = torch.randn(batch, heads, seq, dim, generator=generator, requires_grad=True)
+    k = torch.randn(batch, kv_heads, seq, dim, generator=generator, requires_grad=True)
+    v = torch.randn(batch, kv_heads, seq, dim, generator=generator, requires_grad=True)
+    # three documents, one, and a padding "document" at the end of the first row
+    document_ids = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4, [0] * 12])
+    spans = DocumentSpans.from_document_ids(document_ids)
+    assert spans.spans == ((0, 0, 5), (0, 5, 8), (0, 8, 12), (1, 0, 12))
+    per_document = spans.attend(q, k, v, scale=dim**-0.5)
+    mask = attention_mask(seq, document_ids=document_ids)
+    masked = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=dim**-0.5, enable_gqa=True
+    )
+    assert (per_document - masked).abs().max().item() < 1e-6
+    grads = torch.autograd.grad(per_document.square().sum(), (q, k, v))
+    reference = torch.autograd.grad(masked.square().sum(), (q, k, v))
+    for grad, expected in zip(grads, reference, strict=True):
+        assert (grad - expected).abs().max().item() < 1e-5
+
+
+def test_padding_documents_give_zeros_and_mixed_padding_falls_back_to_the_mask():
+    from attune.models.masks import DocumentSpans
+
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 6, 4, generator=generator)
+    k = torch.randn(1, 2, 6, 4, generator=generator)
+    v = torch.randn(1, 2, 6, 4, generator=generator)
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    padding_mask = torch.tensor([[True, True, True, True, True, False]])
+    spans = DocumentSpans.from_document_ids(document_ids, padding_mask)
+    assert spans.spans == ((0, 0, 3), (0, 3, 5)) and spans.padding == ((0, 5, 6),)
+    out = spans.attend(q, k, v, scale=0.5)
+    assert out.shape == q.shape and out[0, :, 5].abs().sum() == 0
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, 3:5], k[:, :, 3:5], v[:, :, 3:5], is_causal=True, scale=0.5
+    )
+    assert (out[:, :, 3:5] - expected).abs().max().item() < 1e-6
+    # padding inside a document: only the mask says what that means
+    mixed = torch.tensor([[True, True, False, True, True, True]])
+    assert DocumentSpans.from_document_ids(document_ids, mixed) is None
+
+
+def test_a_packed_batch_gives_the_same_logits_through_spans_as_through_the_mask(monkeypatch):
+    from attune.data.collate import pack_collate
+    from attune.demo.tiny import HF_CONFIG
+    from attune.models import from_hf_config
+    from attune.models.masks import DocumentSpans
+
+    torch.manual_seed(0)
+    model = from_hf_config({**HF_CONFIG, "num_hidden_layers": 2}).eval()
+    examples = [
+        {"tokens": list(range(5, 5 + n)), "labels": [-100, *range(6, 5 + n)]} for n in (7, 4, 9, 3)
+    ]
+    batch = pack_collate([examples[:2], examples[2:]], pad_id=0, max_seq_len=16)
+    inputs = {"document_ids": batch["document_ids"], "padding_mask": batch["padding_mask"]}
+    assert DocumentSpans.from_document_ids(**inputs) is not None  # the first pass takes spans
+    with torch.no_grad():
+        per_document = model(batch["tokens"], **inputs)
+        monkeypatch.setattr(model, "_attends_per_document", lambda *args: False)
+        masked = model(batch["tokens"], **inputs)
+    real = batch["padding_mask"]
+    assert (per_document[real] - masked[real]).abs().max().item() < 1e-5
