@@ -13,6 +13,15 @@ import pytest
 
 from attune.cli.main import main
 
+# With several test workers (pytest -n), each gets one core's worth of threads: torch's default
+# of one thread per core in every worker would oversubscribe the cores and slow all of them.
+# Subprocesses (tune run, torchrun workers) inherit it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ASSETS = Path(__file__).parent / "assets"
 
 
@@ -71,3 +80,12 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+# The slowest tests first, so that with several workers (pytest -n) the longest one starts at
+# once instead of being left for last while the other workers sit idle.
+SLOW_FIRST = ("tests/recipes/test_demo.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))

@@ -225,6 +225,7 @@ def preference_dataset(
     column_map: Mapping[str, str] | None = None,
     max_seq_len: int | None = None,
     truncation: TruncationPolicy = "truncate",
+    packed: bool = False,
     filter_fn: Callable[[Mapping[str, Any]], bool] | None = None,
     num_proc: int | None = None,
     cache_dir: str | None = None,
@@ -236,7 +237,11 @@ def preference_dataset(
     template; only its final reply is trained (its tokens carry the log-probabilities that
     preference losses compare). A pair is dropped when either side has nothing left to train.
 
-    Args: as for :func:`instruct_dataset`.
+    Args:
+        max_seq_len: the longest sequence of either side (None: no limit).
+        packed: pack pairs into rows of ``2 * max_seq_len`` tokens, each side a document of
+            its own (attention within it only), instead of padding every sequence.
+        Others: as for :func:`instruct_dataset`.
     """
     _require_chat_template(tokenizer)
     to_pair = functools.partial(preference_pair, column_map=column_map)

@@ -12,6 +12,7 @@ document from being trained to predict the first token of the next.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -102,11 +103,64 @@ def preference_collate(
 
     Returns:
         :func:`pad_collate`'s batch of ``2 * len(pairs)`` rows: the chosen replies first, then
-        the rejected ones in the same order (row ``i`` and row ``i + len(pairs)`` are a pair).
+        the rejected ones in the same order (row ``i`` and row ``i + len(pairs)`` are a pair);
+        ``sequence_ids`` ``[rows, length]``, each token's sequence (its row; -1 on padding),
+        ``pairs``, the number of pairs (a 0-d tensor), and, when the pairs carry their dataset
+        ``index``, ``pair_index`` ``[pairs]``, as :func:`preference_pack_collate` gives them.
     """
-    rows = [
-        {"tokens": pair[f"{side}_tokens"], "labels": pair[f"{side}_labels"]}
-        for side in ("chosen", "rejected")
-        for pair in pairs
-    ]
-    return pad_collate(rows, pad_id, pad_to_multiple_of)
+    rows = [_side(pair, side) for side in ("chosen", "rejected") for pair in pairs]
+    batch = pad_collate(rows, pad_id, pad_to_multiple_of)
+    row_ids = torch.arange(len(rows))[:, None].expand_as(batch["tokens"])
+    batch["sequence_ids"] = torch.where(batch["padding_mask"], row_ids, -1)
+    return _with_pair_fields(batch, pairs)
+
+
+def _with_pair_fields(
+    batch: dict[str, torch.Tensor], pairs: Sequence[dict[str, Any]]
+) -> dict[str, torch.Tensor]:
+    batch["pairs"] = torch.tensor(len(pairs))
+    if pairs and "index" in pairs[0]:
+        batch["pair_index"] = torch.tensor([pair["index"] for pair in pairs], dtype=torch.long)
+    return batch
+
+
+def _side(pair: dict[str, Sequence[int]], side: str) -> dict[str, Sequence[int]]:
+    return {"tokens": pair[f"{side}_tokens"], "labels": pair[f"{side}_labels"]}
+
+
+def preference_pack_collate(
+    packs: Sequence[Sequence[dict[str, Sequence[int]]]], pad_id: int, row_len: int
+) -> dict[str, torch.Tensor]:
+    """Preference pairs packed into rows: each pair's chosen then rejected sequence, as two
+    documents of one row (attention stays within each).
+
+    Args:
+        packs: one list of pairs per row (as :func:`preference_collate` takes them); each
+            row's pairs fit in ``row_len`` tokens.
+        pad_id: the token that fills the end of a row.
+        row_len: every row's length.
+
+    Returns:
+        :func:`pack_collate`'s batch, with ``sequence_ids`` numbered as in
+        :func:`preference_collate`: over the batch's ``P`` pairs in order, pair ``i``'s chosen
+        sequence is ``i`` and its rejected one ``P + i`` (-1 on padding); ``pairs``, ``P``;
+        and ``pair_index`` when the pairs carry their dataset ``index``.
+    """
+    batch = pack_collate(
+        [[_side(pair, side) for pair in pack for side in ("chosen", "rejected")] for pack in packs],
+        pad_id,
+        row_len,
+    )
+    total = sum(len(pack) for pack in packs)
+    sequence_ids = torch.full((len(packs), row_len), -1, dtype=torch.long)
+    first = 0
+    for row, pack in enumerate(packs):
+        start = 0
+        for index, pair in enumerate(pack, start=first):
+            for sequence in (index, total + index):
+                length = len(pair["chosen_tokens" if sequence == index else "rejected_tokens"])
+                sequence_ids[row, start : start + length] = sequence
+                start += length
+        first += len(pack)
+    batch["sequence_ids"] = sequence_ids
+    return _with_pair_fields(batch, [pair for pack in packs for pair in pack])

@@ -29,6 +29,7 @@ from attune.data.collate import (
     pack_collate,
     pad_collate,
     preference_collate,
+    preference_pack_collate,
 )
 from attune.data.packing import PackedDataset, PackingSampler
 from attune.data.sampler import GlobalOrderSampler
@@ -219,10 +220,13 @@ class TokenizedDataset(Dataset):
         max_seq_len: the longest sequence kept (None: no limit).
         truncation: ``truncate`` keeps the first ``max_seq_len`` tokens; ``drop`` drops the
             example. Either way an example left with nothing to train is dropped.
-        packed: batches pack several examples into rows of ``max_seq_len`` tokens (``sft``).
+        packed: batches pack several examples into rows of ``max_seq_len`` tokens; preference
+            pairs into rows of ``2 * max_seq_len`` (room for a pair at the longest, so
+            truncation is the same as unpacked), chosen and rejected as two documents.
         source: the dataset's name, for messages.
 
-    ``dataset[i]`` is ``{"tokens": [...], "labels": [...]}`` (or the four preference lists).
+    ``dataset[i]`` is ``{"tokens": [...], "labels": [...]}``, or the four preference lists
+    and the pair's ``index``.
     """
 
     def __init__(
@@ -239,11 +243,8 @@ class TokenizedDataset(Dataset):
             raise DataError(f"unknown truncation policy '{truncation}' (choose truncate or drop)")
         if max_seq_len is not None and max_seq_len < 1:
             raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len}")
-        if packed and (kind != "sft" or max_seq_len is None):
-            raise DataError(
-                "packed=True needs max_seq_len (the length of a packed row) and works for "
-                "instruction, chat and text datasets, not preference pairs"
-            )
+        if packed and max_seq_len is None:
+            raise DataError("packed=True needs max_seq_len (it sets the length of a packed row)")
         self.kind = kind
         self.max_seq_len = max_seq_len
         self.packed = packed
@@ -264,6 +265,9 @@ class TokenizedDataset(Dataset):
         keep = trainable & ~too_long if truncation == "drop" else trainable
         self.indices = np.flatnonzero(keep)
         self.lengths = kept_lengths.max(axis=0)[self.indices]
+        # what a pack holds of an example: both sides of a pair
+        self.pack_lengths = kept_lengths.sum(axis=0)[self.indices]
+        self.row_len = None if max_seq_len is None else max_seq_len * len(sides)
         self.stats = TruncationStats(
             truncated=int((too_long & keep).sum()),
             dropped=int((too_long & trainable & ~keep).sum()),
@@ -277,11 +281,13 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.table[int(self.indices[index])]
-        if self.max_seq_len is None:
-            return row
-        return {name: values[: self.max_seq_len] for name, values in row.items()}
+        if self.max_seq_len is not None:
+            row = {name: values[: self.max_seq_len] for name, values in row.items()}
+        if self.kind == "preference":
+            row["index"] = index  # what per-pair caches (reference log-probs) are keyed by
+        return row
 
     def num_tokens(self) -> int:
         """Tokens in the dataset, after truncation (the longer side of preference pairs)."""
@@ -295,7 +301,7 @@ class TokenizedDataset(Dataset):
         """The sampler for this rank: examples, or packs when ``packed``."""
         if self.packed:
             return PackingSampler(
-                self.lengths.tolist(), self.max_seq_len, seed, rank, world_size, shuffle
+                self.pack_lengths.tolist(), self.row_len, seed, rank, world_size, shuffle
             )
         return GlobalOrderSampler(len(self), seed, rank, world_size, shuffle)
 
@@ -305,6 +311,8 @@ class TokenizedDataset(Dataset):
 
     def collate_fn(self, pad_id: int, pad_to_multiple_of: int = 1) -> Callable[[Sequence], Any]:
         """The collate function of batches of this dataset."""
+        if self.packed and self.kind == "preference":
+            return functools.partial(preference_pack_collate, pad_id=pad_id, row_len=self.row_len)
         if self.packed:
             return functools.partial(pack_collate, pad_id=pad_id, max_seq_len=self.max_seq_len)
         collate = preference_collate if self.kind == "preference" else pad_collate

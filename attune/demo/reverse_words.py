@@ -12,13 +12,14 @@ The rows ship in the package (``data/reverse_words_{train,test}.jsonl``, Alpaca 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attune.data import instruct_dataset
+from attune.data import instruct_dataset, preference_dataset
 from attune.data.tokenized import TokenizedDataset, TruncationPolicy
 from attune.tokenizer import Tokenizer
 
@@ -73,18 +74,45 @@ def echo_rows(count: int, seed: int = 1) -> list[dict[str, str]]:
     return rows
 
 
-def data_file(split: str) -> Path:
+def data_file(split: str, kind: str = "reverse_words") -> Path:
     if split not in SPLITS:
         raise ValueError(f"the demo has splits {', '.join(SPLITS)}, not '{split}'")
-    return DATA_DIR / f"reverse_words_{split}.jsonl"
+    return DATA_DIR / f"{kind}_{split}.jsonl"
+
+
+def make_preference_rows(seed: int = 2) -> dict[str, list[dict[str, str]]]:
+    """Preference pairs on the same rows: the reversal is chosen; rejected is, half the time,
+    the words in their own order (what the base model does), else another wrong order."""
+    rng = random.Random(seed)
+    pairs: dict[str, list[dict[str, str]]] = {}
+    for split, split_rows in make_rows().items():
+        pairs[split] = []
+        for row in split_rows:
+            words = row["instruction"][len(PROMPT) :].split()
+            wrong = [
+                order for order in itertools.permutations(words) if order != tuple(words[::-1])
+            ]
+            rejected = words if rng.random() < 0.5 else list(rng.choice(wrong[1:]))
+            pairs[split].append(
+                {
+                    "prompt": row["instruction"],
+                    "chosen": row["output"],
+                    "rejected": " ".join(rejected),
+                }
+            )
+    return pairs
 
 
 def write_data_files(folder: Path = DATA_DIR) -> None:
     """Write the shipped files (run once when the task changes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for split, split_rows in make_rows().items():
-        lines = "".join(json.dumps(row) + "\n" for row in split_rows)
-        (folder / f"reverse_words_{split}.jsonl").write_text(lines, encoding="utf-8")
+    for name, make in (
+        ("reverse_words", make_rows),
+        ("reverse_words_preference", make_preference_rows),
+    ):
+        for split, split_rows in make().items():
+            lines = "".join(json.dumps(row) + "\n" for row in split_rows)
+            (folder / f"{name}_{split}.jsonl").write_text(lines, encoding="utf-8")
 
 
 def corpus() -> list[str]:
@@ -108,6 +136,26 @@ def reverse_words_dataset(
     return instruct_dataset(
         tokenizer,
         str(data_file(split)),
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        packed=packed,
+        cache_dir=cache_dir,
+    )
+
+
+def reverse_words_preference_dataset(
+    tokenizer: Tokenizer,
+    split: str = "train",
+    max_seq_len: int | None = None,
+    truncation: TruncationPolicy = "truncate",
+    packed: bool = False,
+    cache_dir: str | None = None,
+) -> TokenizedDataset:
+    """The demo's preference pairs (:func:`make_preference_rows`) as a
+    :func:`~attune.data.preference_dataset`."""
+    return preference_dataset(
+        tokenizer,
+        str(data_file(split, "reverse_words_preference")),
         max_seq_len=max_seq_len,
         truncation=truncation,
         packed=packed,

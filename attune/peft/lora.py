@@ -14,8 +14,9 @@ computes in the activations' dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,7 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector = (
             nn.Parameter(self.base_weight().norm(dim=1)) if use_dora else None
         )
+        self.adapter_enabled = True  # off: the base layer alone (see disabled_adapters)
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
@@ -143,6 +145,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base(x)
+        if not self.adapter_enabled:
+            return base if self.bias is None else base + self.bias
         adapter_input = self.lora_dropout(x)
         update = self.lora_B(self.lora_A(adapter_input)) * self.scaling
         if self.lora_magnitude_vector is None:
@@ -216,6 +220,22 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
         )
         setattr(parent, child, layer)
     return targets
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base model inside the block: every :class:`LoRALinear` computes its
+    frozen layer alone. This is the reference model of LoRA preference and RL training, with no
+    second copy of the weights in memory."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    previous = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer, enabled in zip(layers, previous, strict=True):
+            layer.adapter_enabled = enabled
 
 
 def _short(settings: LoraSettings) -> set[str]:

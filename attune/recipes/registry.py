@@ -46,6 +46,9 @@ MODEL_CONFIGS = (
     "phi3/mini",
 )
 
+# full DPO holds the policy and a frozen reference: shipped for the small models
+FULL_DPO_CONFIGS = ("llama3_2/1B", "qwen2_5/0.5B", "qwen3/0.6B")
+
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "full_finetune_single_device",
@@ -59,5 +62,17 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe("full_finetune_distributed", "finetune.py", ("tiny/full",)),
     Recipe("lora_finetune_distributed", "finetune.py", ("tiny/lora",)),
+    Recipe(
+        "lora_dpo_single_device",
+        "dpo.py",
+        ("tiny/dpo_lora", *(f"{name}_dpo_lora" for name in MODEL_CONFIGS)),
+    ),
+    Recipe("lora_dpo_distributed", "dpo.py", ("tiny/dpo_lora",)),
+    Recipe("full_dpo_single_device", "dpo.py", ("tiny/dpo_full",)),
+    Recipe(
+        "full_dpo_distributed",
+        "dpo.py",
+        ("tiny/dpo_full", *(f"{name}_dpo_full" for name in FULL_DPO_CONFIGS)),
+    ),
     Recipe("generate", "generate.py", ("tiny/generate",)),
 )

@@ -1,11 +1,12 @@
 """The shared mechanics of every recipe: run setup, data streams, losses, optimizers and
 schedules, the training step, checkpoints, metrics and the held-out answer check."""
 
-from attune.training.answer_check import AnswerCheck, AnswerReport
+from attune.training.answer_check import AnswerCheck, AnswerLog, AnswerReport
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
 from attune.training.distributed import World
 from attune.training.interrupt import StopSignals
+from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import ChunkedCrossEntropy, token_count
 from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger
 from attune.training.model_setup import (
@@ -38,17 +39,24 @@ from attune.training.runtime import (
     set_rng_state,
     state_memory_gb,
 )
+from attune.training.setup import TRAINING_KEYS, prepare_model, training_loop
 from attune.training.step import (
     StepResult,
     TrainingError,
+    accumulated_backward,
+    all_ranks_sum,
     backward_step,
     check_finite,
     evaluate,
+    evaluated_sums,
+    input_count,
     optimizer_step,
 )
 
 __all__ = [
+    "TRAINING_KEYS",
     "AnswerCheck",
+    "AnswerLog",
     "AnswerReport",
     "BatchStream",
     "Checkpointer",
@@ -59,8 +67,11 @@ __all__ = [
     "StopSignals",
     "TensorBoardLogger",
     "TrainingError",
+    "TrainingLoop",
     "WandbLogger",
     "World",
+    "accumulated_backward",
+    "all_ranks_sum",
     "apply_activation_checkpointing",
     "backward_step",
     "build_optimizer",
@@ -71,9 +82,12 @@ __all__ = [
     "describe_counts",
     "eval_batches",
     "evaluate",
+    "evaluated_sums",
+    "input_count",
     "linear_with_warmup",
     "optimizer_step",
     "peak_memory_gb",
+    "prepare_model",
     "resolve_device",
     "resolve_dtype",
     "restore_checkpoint",
@@ -86,6 +100,8 @@ __all__ = [
     "start_run",
     "state_memory_gb",
     "token_count",
+    "total_steps",
     "trainable_parameters",
+    "training_loop",
     "weights_writer",
 ]

@@ -7,6 +7,7 @@ expected output (whitespace at the ends ignored).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,3 +85,30 @@ class AnswerCheck:
             for row, answer, want in zip(self.rows[: self.show], answers, expected, strict=False)
         ]
         return AnswerReport(correct / max(len(self.rows), 1), samples)
+
+
+class AnswerLog:
+    """A run's answer checks: printed, and kept in ``output_dir/answers.json`` (rank 0).
+
+    Args:
+        check: the ``answer_check`` component, or None (then nothing happens).
+        tokenizer: the model's tokenizer.
+        run: the run (its ``output_dir``, ``print`` and ``is_main``).
+    """
+
+    def __init__(self, check: AnswerCheck | None, tokenizer: Tokenizer, run: Any):
+        self.check = check
+        self.tokenizer = tokenizer
+        self.run = run
+        self.reports: dict[str, AnswerReport] = {}
+
+    def record(self, model: TransformerDecoder, when: str) -> None:
+        """Answer the held-out prompts now and report it as ``when`` (``before``, ``after``)."""
+        if self.check is None:
+            return
+        report = self.check(model, self.tokenizer)
+        self.reports[when] = report
+        self.run.print("\n".join(report.lines(f"{when} training")))
+        if self.run.is_main:
+            saved = {name: vars(value) for name, value in self.reports.items()}
+            (self.run.output_dir / "answers.json").write_text(json.dumps(saved, indent=2) + "\n")

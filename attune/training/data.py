@@ -59,6 +59,24 @@ class BatchStream:
         self.max_steps_per_epoch = max_steps_per_epoch
         self.position = 0  # items of this epoch consumed by the steps taken, all ranks together
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, dataset: TokenizedDataset, pad_id: int, world: Any
+    ) -> BatchStream:
+        """The stream a recipe's config asks for: ``batch_size``, ``gradient_accumulation_steps``,
+        ``seed``, ``max_steps_per_epoch`` and ``num_workers``, on this process's rank."""
+        return cls(
+            dataset,
+            batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.get("gradient_accumulation_steps", 1),
+            pad_id=pad_id,
+            seed=cfg.get("seed", 0),
+            rank=world.rank,
+            world_size=world.world_size,
+            max_steps_per_epoch=cfg.get("max_steps_per_epoch"),
+            num_workers=cfg.get("num_workers", 0),
+        )
+
     @property
     def epoch(self) -> int:
         return self.sampler.epoch

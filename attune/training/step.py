@@ -51,7 +51,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
-def _all_ranks_sum(value: int, device: torch.device) -> int:
+def all_ranks_sum(value: int, device: torch.device) -> int:
+    """``value`` summed over every rank (itself on one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     total = torch.tensor(value, device=device, dtype=torch.long)
@@ -72,6 +73,51 @@ def summed_loss(
         return loss_fn(hidden, batch["labels"], model.output)
 
 
+def accumulated_backward(
+    model: torch.nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    units: Callable[[dict[str, torch.Tensor]], int],
+    summed_loss_of: Callable[
+        [dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]
+    ],
+    device: torch.device,
+) -> tuple[int, int, dict[str, float]]:
+    """Forward and backward over a step's micro-batches so that the gradient is that of the
+    mean loss per unit (trained token, preference pair, ...) over the whole step on every rank,
+    whatever the micro-batches' sizes; gradients accumulate in ``.grad``.
+
+    Args:
+        model: the model being trained.
+        micro_batches: the step's batches, on any device.
+        units: how many units a batch has (counted before any forward pass).
+        summed_loss_of: a batch (on ``device``) -> its loss summed over its units, and
+            statistics summed over them (detached scalars: rewards, log-probs, ...).
+        device: where the model is.
+
+    Returns:
+        The step's units, its input tokens (padding aside) and each statistic's sum, all over
+        every rank.
+    """
+    total = all_ranks_sum(sum(units(batch) for batch in micro_batches), device)
+    input_tokens = all_ranks_sum(sum(input_count(batch) for batch in micro_batches), device)
+    # FSDP averages gradients over ranks, but each rank's loss is already its share of the
+    # global mean: scale by the world size so the average is the sum (gloo has no
+    # pre-multiplied sum to ask FSDP for instead)
+    scale = dist.get_world_size() if _is_sharded(model) else 1
+    sums: dict[str, torch.Tensor] = {}
+    for batch in micro_batches:
+        loss, stats = summed_loss_of(to_device(batch, device))
+        (loss * (scale / max(total, 1))).backward()
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+    if not sums:
+        return total, input_tokens, {}
+    stacked = torch.stack(list(sums.values()))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+    return total, input_tokens, dict(zip(sums, stacked.tolist(), strict=True))
+
+
 def backward_step(
     model: torch.nn.Module,
     micro_batches: Sequence[dict[str, torch.Tensor]],
@@ -79,7 +125,8 @@ def backward_step(
     device: torch.device,
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> StepResult:
-    """Forward and backward over a step's micro-batches; gradients accumulate in ``.grad``.
+    """Forward and backward over a step's micro-batches, token-exact; gradients accumulate in
+    ``.grad``.
 
     Args:
         model: the model (``model(tokens, return_hidden=True)`` and ``model.output``).
@@ -93,23 +140,16 @@ def backward_step(
         The step's mean loss per trained token, the number of trained tokens and the number of
         input tokens (padding aside), all over every rank.
     """
-    local_tokens = sum(token_count(batch["labels"]) for batch in micro_batches)
-    total_tokens = _all_ranks_sum(local_tokens, device)
-    input_tokens = _all_ranks_sum(sum(input_count(batch) for batch in micro_batches), device)
-    # FSDP averages gradients over ranks, but each rank's loss is already its share of the
-    # global token mean: scale by the world size so the average is the sum (gloo has no
-    # pre-multiplied sum to ask FSDP for instead)
-    scale = dist.get_world_size() if _is_sharded(model) else 1
-    loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:
-        batch = to_device(batch, device)
+
+    def summed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         context = precision() if precision is not None else None
         loss, _ = summed_loss(model, batch, loss_fn, context)
-        (loss * (scale / max(total_tokens, 1))).backward()
-        loss_sum += loss.detach()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loss_sum)
-    return StepResult(loss_sum.item() / max(total_tokens, 1), total_tokens, input_tokens)
+        return loss, {"loss": loss}
+
+    total, input_tokens, sums = accumulated_backward(
+        model, micro_batches, lambda batch: token_count(batch["labels"]), summed, device
+    )
+    return StepResult(sums["loss"] / max(total, 1), total, input_tokens)
 
 
 def optimizer_step(
@@ -148,6 +188,43 @@ def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
 
 
 @torch.no_grad()
+def evaluated_sums(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    units: Callable[[dict[str, torch.Tensor]], int],
+    summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    device: torch.device,
+) -> tuple[int, dict[str, float]]:
+    """Statistics summed over ``batches`` on all ranks, without gradients and with the model in
+    eval mode (put back after).
+
+    Args:
+        model: the model.
+        batches: this rank's batches, on any device.
+        units: how many units (trained tokens, pairs, ...) a batch has.
+        summed_of: a batch (on ``device``) -> statistics summed over its units.
+        device: where the model is.
+
+    Returns:
+        The units and each statistic's sum, over every rank.
+    """
+    was_training = model.training
+    model.eval()
+    total, sums = 0, {}
+    for batch in batches:
+        total += units(batch)
+        for name, value in summed_of(to_device(batch, device)).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [float(total), *sums.values()]
+        totals = torch.tensor(values, device=device, dtype=torch.float64)
+        dist.all_reduce(totals)
+        total = int(totals[0])
+        sums = dict(zip(sums, totals[1:].tolist(), strict=True))
+    return total, sums
+
+
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -157,17 +234,12 @@ def evaluate(
 ) -> float:
     """The mean loss per trained token over ``batches`` (all ranks), with the model in eval
     mode (put back to train mode after)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    for batch in batches:
-        batch = to_device(batch, device)
+
+    def summed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         context = precision() if precision is not None else None
-        loss, count = summed_loss(model, batch, loss_fn, context)
-        loss_sum, tokens = loss_sum + float(loss), tokens + count
-    model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        totals = torch.tensor([loss_sum, float(tokens)], device=device, dtype=torch.float64)
-        dist.all_reduce(totals)
-        loss_sum, tokens = float(totals[0]), int(totals[1])
-    return loss_sum / max(tokens, 1)
+        return {"loss": summed_loss(model, batch, loss_fn, context)[0]}
+
+    tokens, sums = evaluated_sums(
+        model, batches, lambda batch: token_count(batch["labels"]), summed, device
+    )
+    return sums.get("loss", 0.0) / max(tokens, 1)

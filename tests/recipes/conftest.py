@@ -3,13 +3,18 @@ a helper that runs a recipe through the real ``tune run`` on it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from attune.demo.tiny import write_tokenizer
+from attune.cli.main import main
+from attune.demo.tiny import tiny_checkpoint, write_tokenizer
 from tests.conftest import run_tune
 
 
@@ -42,6 +47,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return small_llama(tmp_path_factory.mktemp("small_llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> dict[str, str]:
+    """The environment of runs that use the package's tiny model, made once for the session
+    (as a first ``tune run`` would make it) in a cache of the tests' own."""
+    # test workers (pytest -n) share it beside their own folders: the first builds it, the
+    # others wait on the package's own lock and reuse it
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "attune_cache"
+    tiny_checkpoint(cache)
+    return {"ATTUNE_CACHE": str(cache)}
+
+
 def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Path:
     """A config extending ``base`` that trains ``checkpoint`` for a few steps on the demo data."""
     config = {
@@ -63,6 +80,12 @@ def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Pa
         "optimizer": {"lr": 3.0e-3},
         "lr_scheduler": {"num_warmup_steps": 2},
     }
+    return config_file(tmp_path, config, overrides)
+
+
+def config_file(tmp_path: Path, config: dict, overrides: dict) -> Path:
+    """``config`` with ``overrides`` (dotted keys: ``optimizer.lr``) applied, written as
+    ``tmp_path/config.yaml``."""
     for key, value in overrides.items():
         node = config
         *parents, last = key.split(".")
@@ -75,10 +98,36 @@ def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Pa
 
 
 def train(recipe: str, config: Path, *overrides: str, env: dict | None = None, launcher=()):
-    """``tune run [launcher options] recipe --config config overrides``; it must succeed."""
-    result = run_tune("run", *launcher, recipe, "--config", str(config), *overrides, env=env)
+    """``tune run [launcher options] recipe --config config overrides``; it must succeed.
+
+    With launcher options it is the real command in a subprocess (torchrun and its workers).
+    Without, ``tune run`` runs the recipe in its own process anyway, so the command runs in
+    this one (``env`` set for its duration), saving each run the seconds of importing torch.
+    """
+    args = ("run", *launcher, recipe, "--config", str(config), *overrides)
+    result = run_tune(*args, env=env) if launcher else run_tune_in_process(*args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_tune_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``tune ARGS`` in this process, as :func:`tests.conftest.run_tune` runs it in another."""
+    saved = {name: os.environ.get(name) for name in (env or {})}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -26,13 +26,22 @@ def close(a, b, tolerance=1e-5):
 
 
 @pytest.mark.parametrize(("recipe", "base"), CASES)
-def test_two_processes_give_the_losses_and_outputs_of_one(tmp_path, checkpoint, recipe, base):
-    results = {}
+def test_two_processes_give_the_losses_and_outputs_of_one_and_resume_on_the_other(
+    tmp_path, checkpoint, recipe, base
+):
+    """One run on each process count, checkpointed at step 3: the same losses and outputs;
+    then each resumes from step 3 on the other count with the uninterrupted losses."""
+    overrides = {
+        "max_steps": 6,
+        "checkpointer.save_every_n_steps": 3,
+        "checkpointer.keep_last_n": None,
+    }
+    configs, results = {}, {}
     for processes in (1, 2):
         folder = tmp_path / f"p{processes}"
         folder.mkdir()
-        config = write_config(folder, checkpoint, base, max_steps=6)
-        run_on(processes, recipe, config)
+        configs[processes] = write_config(folder, checkpoint, base, **overrides)
+        run_on(processes, recipe, configs[processes])
         results[processes] = folder / "run"
     one, two = losses(results[1]), losses(results[2])
     assert close(one, two), (one, two)
@@ -57,27 +66,14 @@ def test_two_processes_give_the_losses_and_outputs_of_one(tmp_path, checkpoint, 
             assert (reference(TOKENS).logits - logits[2]).abs().max().item() < 1e-4
     assert (logits[1] - logits[2]).abs().max().item() < 1e-4
 
-
-@pytest.mark.parametrize(("recipe", "base"), CASES)
-@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_number_of_processes(
-    tmp_path, checkpoint, recipe, base, first, then
-):
-    overrides = {
-        "max_steps": 6,
-        "checkpointer.save_every_n_steps": 3,
-        "checkpointer.keep_last_n": None,
-    }
-    config = write_config(tmp_path, checkpoint, base, **overrides)
-    run_on(first, recipe, config)
-    run = tmp_path / "run"
-    straight = losses(run)
-    shutil.rmtree(run / "checkpoints" / "step_6")
-    run_on(then, recipe, config, "resume_from_checkpoint=true")
-    resumed = losses(run)
-    assert close(resumed, straight), (resumed, straight)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for first, then in ((2, 1), (1, 2)):
+        straight = losses(results[first])
+        shutil.rmtree(results[first] / "checkpoints" / "step_6")
+        run_on(then, recipe, configs[first], "resume_from_checkpoint=true")
+        resumed = losses(results[first])
+        assert close(resumed, straight), (first, then, resumed, straight)
+        records = [json.loads(line) for line in (results[first] / "metrics.jsonl").open()]
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
 
 
 def test_tied_embeddings_stay_tied_when_sharded(tmp_path):

@@ -66,7 +66,7 @@ def test_lora_run_writes_a_peft_adapter_and_merged_weights(tmp_path, checkpoint)
     saved = tmp_path / "run" / "checkpoints" / "step_6"
     adapter_config = json.loads((saved / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(checkpoint)
-    assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 32
+    assert adapter_config["r"] == 64 and adapter_config["lora_alpha"] == 128
     assert (saved / "tokenizer.json").is_file()
 
     ours = models.from_pretrained(checkpoint)

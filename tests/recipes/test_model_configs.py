@@ -27,6 +27,8 @@ SHAPE = dict(
     [
         ("qwen2_5/0.5B_lora", "lora_finetune_single_device", "Qwen2Config"),
         ("gemma2/2B_full", "full_finetune_single_device", "Gemma2Config"),
+        ("qwen2_5/0.5B_dpo_lora", "lora_dpo_single_device", "Qwen2Config"),
+        ("llama3_2/1B_dpo_full", "full_dpo_distributed", "LlamaConfig"),
     ],
 )
 def test_shipped_config_trains_a_tiny_model_of_its_family(tmp_path, config, recipe, hf_config):
@@ -38,13 +40,22 @@ def test_shipped_config_trains_a_tiny_model_of_its_family(tmp_path, config, reci
     torch.manual_seed(0)
     model_config = getattr(transformers, hf_config)(vocab_size=vocab, **SHAPE)
     transformers.AutoModelForCausalLM.from_config(model_config).save_pretrained(checkpoint)
-    data = tmp_path / "alpaca.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
-            for w in ["red", "blue", "cat", "dog", "sun", "moon"] * 4
-        )
-    )
+    data = tmp_path / "data.jsonl"
+    words = ["red", "blue", "cat", "dog", "sun", "moon"] * 4
+    if "dpo" in config:  # UltraFeedback's layout: conversations with the prompt implicit
+        rows = [
+            {
+                side: [
+                    {"role": "user", "content": f"Say {w}."},
+                    {"role": "assistant", "content": w if side == "chosen" else w[::-1]},
+                ]
+                for side in ("chosen", "rejected")
+            }
+            for w in words
+        ]
+    else:
+        rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in words]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     train(
         recipe,
         config,

@@ -1,0 +1,146 @@
+"""Preference optimisation: DPO and its relatives (cDPO, robust DPO, IPO, SimPO, ORPO) on
+preference pairs, full or LoRA, one device or many.
+
+Registered as ``lora_dpo_single_device``, ``lora_dpo_distributed``, ``full_dpo_single_device``
+and ``full_dpo_distributed``: a ``lora`` section makes it a LoRA run. The ``loss`` component
+picks the objective (:mod:`attune.rl.preference_losses`). The reference model is, for LoRA,
+the policy with its adapters switched off; for full training, a frozen copy of the starting
+model; or, with ``precompute_reference: true``, log-probabilities computed once before training
+and cached in ``output_dir``, so no reference is held during training.
+
+    tune run lora_dpo_single_device --config tiny/dpo_lora
+    tune run --nproc_per_node 2 full_dpo_distributed --config tiny/dpo_full
+"""
+
+from attune import config, rl, training
+
+SCHEMA = {
+    **training.TRAINING_KEYS,
+    "precompute_reference": config.Field(bool, required=False),
+    "eval_every_n_steps": config.Field(int | None, required=False),
+    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
+    "loss": config.Component(required=False),
+}
+
+
+@config.parse(SCHEMA)
+def recipe_main(cfg):
+    with training.start_run(cfg) as run:
+        train(cfg, run)
+
+
+def train(cfg, run):
+    # The policy (sharded under torchrun), its adapters, and where to resume
+    tokenizer = config.instantiate(cfg.tokenizer)
+    lora = config.instantiate(cfg.get("lora"))
+    checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
+    resumed_from = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
+    policy = training.prepare_model(cfg, run, lora, resumed_from)
+
+    # Preference pairs (and held-out ones), and the objective with its reference: none,
+    # precomputed once, the policy without its adapters, or a frozen copy of the model
+    pad_id = tokenizer.padding_id
+    datasets = {"train": config.instantiate(cfg.dataset, tokenizer=tokenizer)}
+    validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
+    if validation is not None:
+        datasets["validation"] = validation
+    dataset = datasets["train"]
+    run.print(f"{len(dataset)} preference pairs; {dataset.stats.summary(dataset.max_seq_len)}")
+    loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
+    reference, caches = None, {}
+    if loss_fn.uses_reference and cfg.get("precompute_reference"):
+        caches = precomputed_references(cfg, run, policy, lora, datasets, pad_id)
+    elif loss_fn.uses_reference:
+        reference = reference_scorer(cfg, run, policy, lora)
+    objective = rl.PreferenceObjective(loss_fn, reference, caches.get("train"))
+    if validation is not None:
+        held_out = rl.PreferenceObjective(loss_fn, reference, caches.get("validation"))
+
+    def evaluate_pairs():
+        batches = training.eval_batches(
+            validation, cfg.batch_size, pad_id, run.world.rank, run.world.world_size
+        )
+        pairs, sums = training.evaluated_sums(
+            policy,
+            batches,
+            lambda batch: int(batch["pairs"]),
+            lambda batch: held_out(policy, batch, run.precision())[1],
+            run.device,
+        )
+        return {f"val_{name}": value for name, value in rl.mean_statistics(pairs, sums).items()}
+
+    def report_held_out(when):
+        if validation is not None:
+            share = evaluate_pairs()["val_logps/accuracy"]
+            run.print(f"{when} training: the chosen reply is the more likely in {share:.0%} of "
+                      f"{len(validation)} held-out pairs")  # fmt: skip
+
+    # The loop (optimizer, schedule, checkpoints, metrics)
+    stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
+    loop = training.training_loop(cfg, run, policy, stream, checkpointer, lora)
+    if resumed_from is not None:
+        loop.resume(resumed_from)
+    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
+    if resumed_from is None:
+        report_held_out("before")
+        answers.record(policy, "before")
+    eval_every = cfg.get("eval_every_n_steps")
+
+    # The loop: one optimizer step per item; the loss is the mean over the step's pairs
+    for micro_batches in loop:
+        pairs, input_tokens, sums = training.accumulated_backward(
+            policy,
+            micro_batches,
+            lambda batch: int(batch["pairs"]),
+            lambda batch: objective(policy, batch, run.precision()),
+            run.device,
+        )
+        means = rl.mean_statistics(pairs, sums)
+        training.check_finite(means["loss"], loop.step, loop.last_saved)
+        grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
+        loop.count(input_tokens)
+        loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
+        if validation is not None and eval_every and loop.step % eval_every == 0:
+            loop.log_now(evaluate_pairs())
+    loop.finish()
+    report_held_out("after")
+    answers.record(policy, "after")
+
+
+def reference_scorer(cfg, run, policy, lora):
+    """Scores pairs under the reference: the policy with its adapters off (LoRA), or a frozen
+    copy of the starting model, sharded like the policy."""
+    if lora is not None:
+        return rl.reference_scorer(policy, adapters_off=True, precision=run.precision)
+    reference = training.setup_model(cfg.model, run, cpu_offload=cfg.get("cpu_offload", False))
+    reference.requires_grad_(False)
+    return rl.reference_scorer(reference, adapters_off=False, precision=run.precision)
+
+
+def precomputed_references(cfg, run, policy, lora, datasets, pad_id):
+    """Every pair's reference log-probabilities, for each dataset: from ``output_dir``'s cache
+    when it was made for this data and model, else computed now (and cached) with the
+    reference model, which is let go after."""
+    caches, score = {}, None
+    for name, dataset in datasets.items():
+        path = run.output_dir / f"reference_logprobs.{name}.safetensors"
+        fingerprint = rl.reference_fingerprint(dataset, policy.config.source)
+        cache = rl.ReferenceLogprobs.load(path, fingerprint)
+        if not run.world.any(cache is None):  # every rank takes part in a pass, or none
+            run.print(f"reference log-probabilities from {path}")
+            caches[name] = cache
+            continue
+        score = score or reference_scorer(cfg, run, policy, lora)
+        cache = rl.ReferenceLogprobs.compute(
+            score, dataset, cfg.batch_size, pad_id, run.device, run.world.rank, run.world.world_size
+        )
+        if run.is_main:
+            cache.save(path, fingerprint)
+        run.world.barrier()
+        run.print(f"reference log-probabilities of {len(dataset)} pairs computed into {path}")
+        caches[name] = cache
+    return caches
+
+
+if __name__ == "__main__":
+    recipe_main()

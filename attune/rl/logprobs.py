@@ -1,0 +1,143 @@
+"""Log-probabilities of whole completions, without full-vocabulary fp32 logits.
+
+Preference and policy-gradient losses compare how likely a model finds each completion: the sum
+of its trained tokens' log-probabilities. As in :class:`attune.training.ChunkedCrossEntropy`,
+only the trained positions are projected to the vocabulary, a chunk at a time, and each chunk's
+logits are recomputed in the backward pass instead of kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attune.data.collate import IGNORE_INDEX
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    logits = output(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``log p(target | hidden)`` for selected positions.
+
+    Args:
+        hidden: ``[n, hidden]`` final hidden states of the positions that predict ``targets``.
+        targets: ``[n]`` token ids.
+        output: the model's output head (``[n, hidden]`` -> ``[n, vocab]``).
+        chunk_size: positions projected at once.
+
+    Returns:
+        ``[n]`` fp32 log-probabilities.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = (hidden[start : start + chunk_size], targets[start : start + chunk_size], output)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*chunk))
+    if not pieces:
+        return hidden.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed log-probability of its trained tokens, and how many there are.
+
+    Args:
+        hidden: ``[rows, seq, hidden]`` the model's final hidden states.
+        labels: ``[rows, seq]`` labels aligned with the tokens (-100: not trained); position
+            ``i`` predicts label ``i + 1``.
+        output: the model's output head.
+        sequence_ids: ``[rows, seq]`` which sequence each token belongs to, for rows that pack
+            several (-1 or anything for untrained positions); None: each row is one sequence.
+        num_sequences: how many sequences (default: the rows, or the largest id + 1).
+        chunk_size: trained positions projected to logits at once.
+
+    Returns:
+        ``([num_sequences] fp32 summed log-probabilities, [num_sequences] token counts)``.
+    """
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    if sequence_ids is None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        sequence_ids = rows[:, None].expand_as(labels)
+        num_sequences = labels.shape[0] if num_sequences is None else num_sequences
+    ids = sequence_ids[:, 1:][trained]
+    if num_sequences is None:
+        num_sequences = int(ids.max()) + 1 if ids.numel() else 0
+    logprobs = token_logprobs(hidden[:, :-1][trained], targets[trained], output, chunk_size)
+    sums = torch.zeros(num_sequences, device=hidden.device, dtype=torch.float32)
+    sums = sums.index_add(0, ids, logprobs)
+    counts = torch.bincount(ids, minlength=num_sequences)
+    return sums, counts
+
+
+@dataclass
+class PairLogprobs:
+    """A batch's preference pairs as the model scores them.
+
+    Attributes:
+        chosen: ``[pairs]`` fp32 summed log-probabilities of the chosen completions.
+        rejected: ``[pairs]`` the same for the rejected ones.
+        chosen_tokens: ``[pairs]`` completion tokens of each chosen sequence.
+        rejected_tokens: ``[pairs]`` the same for the rejected ones.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+def pair_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: contextlib.AbstractContextManager | None = None,
+    chunk_size: int = 1024,
+) -> PairLogprobs:
+    """One forward pass over a preference batch (from
+    :func:`~attune.data.collate.preference_collate` or ``preference_pack_collate``, on the
+    model's device): every pair's chosen and rejected completion log-probabilities.
+
+    Args:
+        model: a decoder (``model(tokens, return_hidden=True)`` and ``model.output``).
+        batch: ``tokens``, ``labels``, ``sequence_ids``, ``pairs`` and, packed,
+            ``document_ids``.
+        precision: the forward pass's autocast context, or None.
+        chunk_size: trained positions projected to logits at once.
+    """
+    pairs = int(batch["pairs"])
+    inputs = {name: batch[name] for name in ("padding_mask", "document_ids") if name in batch}
+    with precision if precision is not None else contextlib.nullcontext():
+        hidden = model(batch["tokens"], return_hidden=True, **inputs)
+        sums, counts = sequence_logprobs(
+            hidden,
+            batch["labels"],
+            model.output,
+            batch.get("sequence_ids"),
+            num_sequences=2 * pairs,
+            chunk_size=chunk_size,
+        )
+    return PairLogprobs(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:])

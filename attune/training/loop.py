@@ -1,0 +1,231 @@
+"""The outer loop every training recipe shares: steps and epochs, stop signals, checkpoints,
+resume, and the metrics of each step.
+
+A recipe writes only what its method does in one step::
+
+    loop = training.training_loop(cfg, run, model, stream, checkpointer, lora)
+    if resumed_from is not None:
+        loop.resume(resumed_from)
+    for micro_batches in loop:           # one optimizer step per item
+        result = ...                     # forward and backward
+        loop.optimizer_step(cfg.get("clip_grad_norm"))
+        loop.count(result.input_tokens)
+        loop.log({"loss": result.loss})  # written on logging steps, with the common fields
+    loop.finish()                        # saves the last step; exits on a stop signal
+
+After each step's body the loop writes the step's metrics, agrees with the other ranks whether
+a stop signal came, and saves a checkpoint when one is due or a signal asks for it, so a stopped
+run resumes at the exact step and data position it stopped at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attune.peft import LoraSettings
+from attune.training.checkpointer import Checkpointer
+from attune.training.data import BatchStream
+from attune.training.interrupt import StopSignals
+from attune.training.metrics import MetricLogger, MetricsWriter
+from attune.training.run import Run, restore_checkpoint, save_checkpoint
+from attune.training.runtime import peak_memory_gb, state_memory_gb
+from attune.training.step import optimizer_step
+
+
+def total_steps(stream: BatchStream, epochs: int, max_steps: int | None) -> int:
+    """The optimizer steps of a run: whole epochs, capped at ``max_steps`` when given."""
+    steps = stream.steps_per_epoch() * epochs
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+class TrainingLoop:
+    """Steps of micro-batches with their bookkeeping.
+
+    Args:
+        run: the run.
+        model: the model being trained (its state goes into checkpoints).
+        params: the parameters it trains (the optimizer's, clipped together).
+        optimizer: its optimizer.
+        scheduler: the learning-rate schedule, or None.
+        stream: where the steps' micro-batches come from.
+        checkpointer: where checkpoints go.
+        lora: the adapter settings of a LoRA run (its checkpoints hold the adapter).
+        total_steps: the steps of the whole run.
+        epochs: the epochs of the whole run.
+        log_every: write metrics every this many steps (and at the last step).
+        metric_logger: an extra metrics destination (TensorBoard, W&B), or None.
+
+    Attributes:
+        step: the steps taken; inside the loop's body, the number of the step being taken.
+        tokens_seen: input tokens (padding aside) of every step taken.
+        last_saved: the latest checkpoint folder, or None.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        model: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        stream: BatchStream,
+        checkpointer: Checkpointer,
+        lora: LoraSettings | None,
+        *,
+        total_steps: int,
+        epochs: int,
+        log_every: int = 1,
+        metric_logger: MetricLogger | None = None,
+    ):
+        self.run = run
+        self.model = model
+        self.params = params
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.stream = stream
+        self.checkpointer = checkpointer
+        self.lora = lora
+        self.total_steps = total_steps
+        self.epochs = epochs
+        self.log_every = log_every
+        self.metric_logger = metric_logger
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_saved: str | None = None
+        self.resumed = False
+        self.metrics: MetricsWriter | None = None
+        self.stop = StopSignals()
+        self.stopping = False
+        self._record: dict[str, Any] = {}
+        self._window_tokens = 0
+        self._window_start = self._loop_start = time.perf_counter()
+
+    # Resume and save ---------------------------------------------------------------------
+
+    def resume(self, folder: Path) -> dict[str, Any]:
+        """Continue from a checkpoint: optimizer (and adapters), schedule, data position, RNG
+        states, step and token count. Returns the checkpoint's loop state."""
+        state = restore_checkpoint(self.checkpointer, folder, self.model, self.optimizer, self.lora)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.last_saved = str(folder)
+        self.resumed = True
+        self.run.print(f"resumed from {folder} at step {self.step}")
+        return state
+
+    def save(self) -> str:
+        """Write a checkpoint of the current step (a collective: every rank calls it)."""
+        loop_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.stream.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        folder = save_checkpoint(
+            self.checkpointer,
+            self.step,
+            self.run,
+            self.model,
+            self.optimizer,
+            self.lora,
+            loop_state,
+        )
+        self.last_saved = str(folder)
+        return self.last_saved
+
+    # The loop ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """A step's micro-batches at a time, until the last step, the last epoch, or a stop
+        signal (SIGINT/SIGTERM on any rank)."""
+        self.metrics = MetricsWriter(
+            self.run.output_dir,
+            self.total_steps,
+            extra=self.metric_logger,
+            resume_step=self.step if self.resumed else None,
+            enabled=self.run.is_main,
+        )
+        self._window_start = self._loop_start = time.perf_counter()
+        self.model.train()
+        with self.stop:
+            while self.step < self.total_steps and self.stream.epoch < self.epochs:
+                for micro_batches in self.stream:
+                    self.step += 1
+                    self._record = {}
+                    yield micro_batches
+                    self._end_step()
+                    if self.step >= self.total_steps or self.stopping:
+                        return
+                self.stream.set_epoch(self.stream.epoch + 1)
+
+    def optimizer_step(self, max_grad_norm: float | None) -> float | None:
+        """Clip (when ``max_grad_norm`` is set), step the optimizer and the schedule, clear the
+        gradients; returns the gradient norm before clipping, when clipped."""
+        return optimizer_step(self.params, self.optimizer, self.scheduler, max_grad_norm)
+
+    @property
+    def log_due(self) -> bool:
+        """Whether this step's metrics are written."""
+        return self.step % self.log_every == 0 or self.step == self.total_steps
+
+    def count(self, input_tokens: int) -> None:
+        """Add the step's input tokens (padding aside) to the throughput and the total."""
+        self.tokens_seen += input_tokens
+        self._window_tokens += input_tokens
+
+    def log(self, fields: Mapping[str, Any]) -> None:
+        """The step's training metrics, written with the common ones (step, epoch, lr,
+        throughput, memory) on logging steps; ignored on the others. Fields that are None are
+        left out."""
+        if not self.log_due:
+            return
+        now = time.perf_counter()
+        self._record.update(
+            {
+                "epoch": self.stream.epoch,
+                **{name: value for name, value in fields.items() if value is not None},
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "tokens_per_second": self._window_tokens / max(now - self._window_start, 1e-9),
+                "elapsed_s": now - self._loop_start,
+                "tokens_seen": self.tokens_seen,
+                "peak_memory_gb": peak_memory_gb(self.run.device),
+                "state_memory_gb": state_memory_gb(self.model, self.optimizer),
+            }
+        )
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    def log_now(self, fields: Mapping[str, Any]) -> None:
+        """Metrics written whatever the step (a validation pass's, say)."""
+        self._record.update(fields)
+
+    def _end_step(self) -> None:
+        if self._record:
+            self.metrics.log({"step": self.step, **self._record})
+        self.metrics.advance()
+        self.stopping = self.run.world.any(self.stop.requested is not None)
+        if self.checkpointer.due(self.step) or self.stopping:
+            self.save()
+
+    def finish(self) -> str:
+        """End the run: on a stop signal, say where to resume and exit with the signal's
+        status; otherwise save the last step (unless just saved). Returns the last checkpoint."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.stopping:
+            signal_name = self.stop.requested or "on another rank"
+            self.run.print(
+                f"stopped by signal {signal_name} at step {self.step}; checkpoint "
+                f"{self.last_saved}; continue with resume_from_checkpoint=true"
+            )
+            raise SystemExit(self.stop.exit_code)
+        if self.last_saved is None or not self.last_saved.endswith(f"step_{self.step}"):
+            self.save()
+        self.run.print(f"saved {self.last_saved}")
+        return self.last_saved

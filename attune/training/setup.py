@@ -1,0 +1,112 @@
+"""What every training recipe reads from its config and builds the same way: the keys of a run,
+the model prepared for training, the optimizer and its schedule, and the loop.
+
+A recipe's schema is :data:`TRAINING_KEYS` plus its own keys::
+
+    SCHEMA = {**training.TRAINING_KEYS, "loss": config.Component(required=False), ...}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attune import config
+from attune.peft import LoraSettings
+from attune.training.checkpointer import Checkpointer
+from attune.training.data import BatchStream
+from attune.training.loop import TrainingLoop, total_steps
+from attune.training.model_setup import (
+    apply_activation_checkpointing,
+    compile_layers,
+    describe_counts,
+    trainable_parameters,
+)
+from attune.training.optim import build_optimizer
+from attune.training.run import Run, setup_model
+
+TRAINING_KEYS = {
+    "output_dir": str,
+    "seed": config.Field(int, required=False),
+    "device": config.Field(str, required=False),
+    "dtype": config.Field(str, required=False),
+    "autocast": config.Field(str | None, required=False),
+    "batch_size": int,
+    "gradient_accumulation_steps": config.Field(int, required=False),
+    "epochs": config.Field(int, required=False),
+    "max_steps": config.Field(int | None, required=False),
+    "max_steps_per_epoch": config.Field(int | None, required=False),
+    "clip_grad_norm": config.Field(float | None, required=False),
+    "log_every_n_steps": config.Field(int, required=False),
+    "resume_from_checkpoint": config.Field(bool, required=False),
+    "compile": config.Field(bool, required=False),
+    "enable_activation_checkpointing": config.Field(bool, required=False),
+    "num_workers": config.Field(int, required=False),
+    "cpu_offload": config.Field(bool, required=False),
+    "model": config.Component(provided=("dtype", "device")),
+    "tokenizer": config.Component(),
+    "lora": config.Component(required=False),
+    "dataset": config.Component(provided=("tokenizer",)),
+    "optimizer": config.Component(provided=("params",)),
+    "lr_scheduler": config.Component(required=False, provided=("optimizer", "num_training_steps")),
+    "checkpointer": config.Component(provided=("output_dir",)),
+    "metric_logger": config.Component(required=False),
+    "answer_check": config.Component(required=False),
+}
+"""The top-level keys every training recipe reads (its schema adds its own)."""
+
+
+def prepare_model(
+    cfg: Any, run: Run, lora: LoraSettings | None, resumed_from: Path | None
+) -> torch.nn.Module:
+    """The ``model`` component built for this run (sharded under torchrun, with ``lora``'s
+    adapters, from the resumed checkpoint's weights for a full run), with activation
+    checkpointing and ``torch.compile`` when the config asks for them."""
+    model = setup_model(
+        cfg.model,
+        run,
+        lora,
+        weights=resumed_from if lora is None else None,
+        cpu_offload=cfg.get("cpu_offload", False),
+    )
+    if cfg.get("enable_activation_checkpointing"):
+        apply_activation_checkpointing(model)
+    if cfg.get("compile"):
+        compile_layers(model)
+    run.print(describe_counts(model))
+    return model
+
+
+def training_loop(
+    cfg: Any,
+    run: Run,
+    model: torch.nn.Module,
+    stream: BatchStream,
+    checkpointer: Checkpointer,
+    lora: LoraSettings | None,
+) -> TrainingLoop:
+    """The optimizer over ``model``'s trainable parameters, its schedule, and the loop over
+    ``stream`` for the config's epochs and steps."""
+    epochs = cfg.get("epochs", 1)
+    steps = total_steps(stream, epochs, cfg.get("max_steps"))
+    params = list(trainable_parameters(model))
+    optimizer = build_optimizer(cfg.optimizer, params)
+    scheduler = config.instantiate(
+        cfg.get("lr_scheduler"), optimizer=optimizer, num_training_steps=steps
+    )
+    return TrainingLoop(
+        run,
+        model,
+        params,
+        optimizer,
+        scheduler,
+        stream,
+        checkpointer,
+        lora,
+        total_steps=steps,
+        epochs=epochs,
+        log_every=cfg.get("log_every_n_steps", 1),
+        metric_logger=config.instantiate(cfg.get("metric_logger")),
+    )
