@@ -178,15 +178,18 @@ def test_a_reference_free_objective_trains_packed_pairs(tmp_path, checkpoint):
     assert all(r["pairs"] >= 4 for r in logged)  # rows of 128 tokens hold several pairs
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path, checkpoint):
-    """Full DPO: the policy and its frozen reference copy both sharded."""
+@pytest.mark.parametrize("recipe", [FULL, LORA], ids=["full", "lora"])
+def test_two_processes_give_the_losses_of_one(tmp_path, checkpoint, recipe):
+    """Full DPO: the policy and its frozen reference copy both sharded; LoRA: the sharded
+    policy with its adapters switched off is the reference."""
+    distributed = recipe[0].replace("single_device", "distributed")
     results = {}
     for processes in (1, 2):
         folder = tmp_path / f"p{processes}"
         folder.mkdir()
-        config = dpo_config(folder, checkpoint, FULL[1], max_steps=4)
+        config = dpo_config(folder, checkpoint, recipe[1], max_steps=4)
         launcher = ("--nproc_per_node", "2") if processes == 2 else ()
-        train("full_dpo_distributed", config, f"batch_size={4 // processes}", launcher=launcher)
+        train(distributed, config, f"batch_size={4 // processes}", launcher=launcher)
         results[processes] = folder / "run"
     one, two = records(results[1]), records(results[2])
     assert close([r["loss"] for r in one], [r["loss"] for r in two]), (one, two)
