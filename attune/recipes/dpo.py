@@ -30,14 +30,16 @@ def recipe_main(cfg):
 
 
 def train(cfg, run):
-    # The policy (sharded under torchrun), its adapters, and where to resume
+    # The objective first (a bad beta ends the run before any work), then the policy (sharded
+    # under torchrun), its adapters, and where to resume
+    loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
     tokenizer = config.instantiate(cfg.tokenizer)
     lora = config.instantiate(cfg.get("lora"))
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
     resumed_from = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
     policy = training.prepare_model(cfg, run, lora, resumed_from)
 
-    # Preference pairs (and held-out ones), and the objective with its reference: none,
+    # Preference pairs (and held-out ones), and the objective's reference: none,
     # precomputed once, the policy without its adapters, or a frozen copy of the model
     pad_id = tokenizer.padding_id
     datasets = {"train": config.instantiate(cfg.dataset, tokenizer=tokenizer)}
@@ -46,7 +48,6 @@ def train(cfg, run):
         datasets["validation"] = validation
     dataset = datasets["train"]
     run.print(f"{len(dataset)} preference pairs; {dataset.stats.summary(dataset.max_seq_len)}")
-    loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
     reference, caches = None, {}
     if loss_fn.uses_reference and cfg.get("precompute_reference"):
         caches = precomputed_references(cfg, run, policy, lora, datasets, pad_id)

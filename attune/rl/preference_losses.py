@@ -25,6 +25,8 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
+from attune.errors import ConfigError
+
 _LN2 = math.log(2.0)
 
 
@@ -61,10 +63,14 @@ class PreferenceLoss(Protocol):
     ) -> PreferenceLossOutput: ...
 
 
+class PreferenceLossError(ConfigError, ValueError):
+    """A preference loss configured with a value outside its range."""
+
+
 def _check_beta(beta: float) -> float:
     # `not beta > 0` also rejects NaN.
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise PreferenceLossError(f"loss.beta must be > 0, got {beta}; set a positive beta")
     return float(beta)
 
 
@@ -72,7 +78,10 @@ def _check_label_smoothing(label_smoothing: float) -> float:
     # At 0.5 the labels carry no information: cDPO's loss no longer depends on which completion
     # is chosen, and rDPO divides by 1 - 2 * eps = 0.
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise PreferenceLossError(
+            f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}; set a value in "
+            "that range (0 for plain DPO)"
+        )
     return float(label_smoothing)
 
 

@@ -13,6 +13,7 @@ import torch
 from attune import models
 from attune.demo.tiny import tiny_checkpoint
 from attune.peft import load_adapter
+from tests.conftest import assert_one_line_error, run_tune
 from tests.recipes.conftest import config_file, train
 
 TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
@@ -195,3 +196,11 @@ def test_two_processes_give_the_losses_of_one(tmp_path, checkpoint, recipe):
     assert close([r["loss"] for r in one], [r["loss"] for r in two]), (one, two)
     for name in ("rewards/chosen", "rewards/accuracy", "logps/rejected"):
         assert close([r[name] for r in one], [r[name] for r in two], 1e-4), name
+
+
+def test_a_loss_setting_out_of_range_is_one_line_before_any_work(tmp_path, checkpoint):
+    config = dpo_config(tmp_path, checkpoint, LORA[1], **{"loss.beta": 0})
+    result = run_tune("run", LORA[0], "--config", str(config))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "loss.beta must be > 0, got 0")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
