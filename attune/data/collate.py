@@ -153,14 +153,14 @@ def preference_pack_collate(
     )
     total = sum(len(pack) for pack in packs)
     sequence_ids = torch.full((len(packs), row_len), -1, dtype=torch.long)
-    first = 0
+    index = 0  # the pair's number in the batch
     for row, pack in enumerate(packs):
         start = 0
-        for index, pair in enumerate(pack, start=first):
-            for sequence in (index, total + index):
-                length = len(pair["chosen_tokens" if sequence == index else "rejected_tokens"])
+        for pair in pack:
+            for sequence, side in ((index, "chosen"), (total + index, "rejected")):
+                length = len(pair[f"{side}_tokens"])
                 sequence_ids[row, start : start + length] = sequence
                 start += length
-        first += len(pack)
+            index += 1
     batch["sequence_ids"] = sequence_ids
     return _with_pair_fields(batch, [pair for pack in packs for pair in pack])

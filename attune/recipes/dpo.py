@@ -33,11 +33,7 @@ def train(cfg, run):
     # The objective first (a bad beta ends the run before any work), then the policy (sharded
     # under torchrun), its adapters, and where to resume
     loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
-    tokenizer = config.instantiate(cfg.tokenizer)
-    lora = config.instantiate(cfg.get("lora"))
-    checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
-    resumed_from = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
-    policy = training.prepare_model(cfg, run, lora, resumed_from)
+    tokenizer, lora, checkpointer, resumed_from, policy = training.setup_training(cfg, run)
 
     # Preference pairs (and held-out ones), and the objective's reference: none,
     # precomputed once, the policy without its adapters, or a frozen copy of the model

@@ -26,11 +26,7 @@ def recipe_main(cfg):
 
 def train(cfg, run):
     # Model (sharded across processes under torchrun), adapters, and where to resume
-    tokenizer = config.instantiate(cfg.tokenizer)
-    lora = config.instantiate(cfg.get("lora"))
-    checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
-    resumed_from = training.resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
-    model = training.prepare_model(cfg, run, lora, resumed_from)
+    tokenizer, lora, checkpointer, resumed_from, model = training.setup_training(cfg, run)
 
     # Data, loss, and the loop (optimizer, schedule, checkpoints, metrics)
     dataset = config.instantiate(cfg.dataset, tokenizer=tokenizer)

@@ -17,7 +17,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,20 +138,16 @@ class ReferenceLogprobs:
         return cls(chosen, rejected)
 
 
-def reference_context(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def reference_context(model: torch.nn.Module) -> Iterator[None]:
     """No gradients, and the model in eval mode inside the block (put back after)."""
-
-    @contextlib.contextmanager
-    def context():
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            model.train(was_training)
-
-    return context()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def reference_scorer(

@@ -39,17 +39,21 @@ from attune.training.runtime import (
     set_rng_state,
     state_memory_gb,
 )
-from attune.training.setup import TRAINING_KEYS, prepare_model, training_loop
+from attune.training.setup import (
+    TRAINING_KEYS,
+    TrainingSetup,
+    prepare_model,
+    setup_training,
+    training_loop,
+)
 from attune.training.step import (
     StepResult,
     TrainingError,
     accumulated_backward,
-    all_ranks_sum,
     backward_step,
     check_finite,
     evaluate,
     evaluated_sums,
-    input_count,
     optimizer_step,
 )
 
@@ -68,10 +72,10 @@ __all__ = [
     "TensorBoardLogger",
     "TrainingError",
     "TrainingLoop",
+    "TrainingSetup",
     "WandbLogger",
     "World",
     "accumulated_backward",
-    "all_ranks_sum",
     "apply_activation_checkpointing",
     "backward_step",
     "build_optimizer",
@@ -83,7 +87,6 @@ __all__ = [
     "eval_batches",
     "evaluate",
     "evaluated_sums",
-    "input_count",
     "linear_with_warmup",
     "optimizer_step",
     "peak_memory_gb",
@@ -97,6 +100,7 @@ __all__ = [
     "seed_everything",
     "set_rng_state",
     "setup_model",
+    "setup_training",
     "start_run",
     "state_memory_gb",
     "token_count",

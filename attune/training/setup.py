@@ -9,12 +9,13 @@ A recipe's schema is :data:`TRAINING_KEYS` plus its own keys::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from attune import config
 from attune.peft import LoraSettings
+from attune.tokenizer import Tokenizer
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream
 from attune.training.loop import TrainingLoop, total_steps
@@ -25,7 +26,7 @@ from attune.training.model_setup import (
     trainable_parameters,
 )
 from attune.training.optim import build_optimizer
-from attune.training.run import Run, setup_model
+from attune.training.run import Run, resume_point, setup_model
 
 TRAINING_KEYS = {
     "output_dir": str,
@@ -56,6 +57,28 @@ TRAINING_KEYS = {
     "answer_check": config.Component(required=False),
 }
 """The top-level keys every training recipe reads (its schema adds its own)."""
+
+
+class TrainingSetup(NamedTuple):
+    """What a training recipe starts from (see :func:`setup_training`)."""
+
+    tokenizer: Tokenizer
+    lora: LoraSettings | None
+    checkpointer: Checkpointer
+    resumed_from: Path | None
+    model: torch.nn.Module
+
+
+def setup_training(cfg: Any, run: Run) -> TrainingSetup:
+    """The config's tokenizer, LoRA settings and checkpointer, the checkpoint to resume from
+    (with ``resume_from_checkpoint``), and the model prepared for training
+    (:func:`prepare_model`)."""
+    tokenizer = config.instantiate(cfg.tokenizer)
+    lora = config.instantiate(cfg.get("lora"))
+    checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
+    resumed_from = resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
+    model = prepare_model(cfg, run, lora, resumed_from)
+    return TrainingSetup(tokenizer, lora, checkpointer, resumed_from, model)
 
 
 def prepare_model(

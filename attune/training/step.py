@@ -51,13 +51,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
-def all_ranks_sum(value: int, device: torch.device) -> int:
-    """``value`` summed over every rank (itself on one process)."""
+def all_ranks_sums(values: Sequence[int], device: torch.device) -> list[int]:
+    """``values`` each summed over every rank, in one collective (themselves on one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    total = torch.tensor(value, device=device, dtype=torch.long)
-    dist.all_reduce(total)
-    return int(total.item())
+        return list(values)
+    totals = torch.tensor(values, device=device, dtype=torch.long)
+    dist.all_reduce(totals)
+    return totals.tolist()
 
 
 def summed_loss(
@@ -98,8 +98,13 @@ def accumulated_backward(
         The step's units, its input tokens (padding aside) and each statistic's sum, all over
         every rank.
     """
-    total = all_ranks_sum(sum(units(batch) for batch in micro_batches), device)
-    input_tokens = all_ranks_sum(sum(input_count(batch) for batch in micro_batches), device)
+    total, input_tokens = all_ranks_sums(
+        [
+            sum(units(batch) for batch in micro_batches),
+            sum(input_count(batch) for batch in micro_batches),
+        ],
+        device,
+    )
     # FSDP averages gradients over ranks, but each rank's loss is already its share of the
     # global mean: scale by the world size so the average is the sum (gloo has no
     # pre-multiplied sum to ask FSDP for instead)

@@ -59,15 +59,22 @@ def tiny_cache(tmp_path_factory) -> dict[str, str]:
     return {"ATTUNE_CACHE": str(cache)}
 
 
-def write_config(tmp_path: Path, checkpoint: Path, base: str, **overrides) -> Path:
-    """A config extending ``base`` that trains ``checkpoint`` for a few steps on the demo data."""
+def write_config(
+    tmp_path: Path,
+    checkpoint: Path,
+    base: str,
+    dataset_builder: str = "attune.demo.reverse_words_dataset",
+    **overrides,
+) -> Path:
+    """A config extending ``base`` that trains ``checkpoint`` for a few steps on the demo data
+    (``dataset_builder`` names its builder)."""
     config = {
         "base": base,
         "output_dir": str(tmp_path / "run"),
         "model": {"_component_": "attune.models.from_pretrained", "path": str(checkpoint)},
         "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(checkpoint)},
         "dataset": {
-            "_component_": "attune.demo.reverse_words_dataset",
+            "_component_": dataset_builder,
             "max_seq_len": 64,
             "cache_dir": str(tmp_path.parent / "hf_cache"),
         },

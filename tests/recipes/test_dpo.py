@@ -14,7 +14,7 @@ from attune import models
 from attune.demo.tiny import tiny_checkpoint
 from attune.peft import load_adapter
 from tests.conftest import assert_one_line_error, run_tune
-from tests.recipes.conftest import config_file, train
+from tests.recipes.conftest import train, write_config
 
 TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
 FULL, LORA = (
@@ -26,27 +26,17 @@ FULL, LORA = (
 def dpo_config(tmp_path, checkpoint, base, **overrides):
     """A config extending ``base`` that trains ``checkpoint`` for a few steps on the demo's
     preference pairs."""
-    config = {
-        "base": base,
-        "output_dir": str(tmp_path / "run"),
-        "model": {"_component_": "attune.models.from_pretrained", "path": str(checkpoint)},
-        "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(checkpoint)},
-        "dataset": {
-            "_component_": "attune.demo.reverse_words_preference_dataset",
-            "split": "test",  # 200 pairs: quick to tokenize and to precompute
-            "max_seq_len": 64,
-            "cache_dir": str(tmp_path.parent / "hf_cache"),
-        },
-        "validation_dataset": None,
-        "answer_check": None,
-        "batch_size": 4,
-        "max_steps": 8,
-        "log_every_n_steps": 1,
-        "optimizer": {"lr": 3.0e-3},
-        "lr_scheduler": {"num_warmup_steps": 2},
-        "loss": {"beta": 0.5},
+    defaults = {
+        "dataset.split": "test",  # 200 pairs: quick to tokenize and to precompute
+        "loss.beta": 0.5,
     }
-    return config_file(tmp_path, config, overrides)
+    return write_config(
+        tmp_path,
+        checkpoint,
+        base,
+        dataset_builder="attune.demo.reverse_words_preference_dataset",
+        **{**defaults, **overrides},
+    )
 
 
 def records(run):
