@@ -70,7 +70,10 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tenso
 
 
 def write_safetensors(
-    tensors: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int | None = None
+    tensors: dict[str, torch.Tensor],
+    folder: str | Path,
+    max_shard_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write tensors as HF does: ``model.safetensors``, or numbered shards plus the index.
 
@@ -79,6 +82,8 @@ def write_safetensors(
         folder: an existing folder.
         max_shard_bytes: split into shards no larger than this (a single tensor larger than it
             gets a shard of its own); None writes one file.
+        metadata: string entries for every file's header besides ``format`` (a quantized
+            model's description of its tensors, which readers merge across shards).
 
     Returns:
         The files written.
@@ -93,7 +98,7 @@ def write_safetensors(
             size = 0
         shards[-1][name] = tensor.detach().contiguous()
         size += nbytes
-    metadata = {"format": "pt"}
+    metadata = {**(metadata or {}), "format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
         return [folder / SINGLE_FILE]

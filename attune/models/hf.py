@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,10 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# What an ``encode`` step of save_pretrained gives: the tensors to write, the safetensors
+# metadata describing them, and entries to add to config.json.
+EncodedWeights = tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]
 
 # Old checkpoints store RoPE tables; the decoder computes its own.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -77,23 +81,43 @@ def from_hf_config(config: dict[str, Any] | str | Path) -> TransformerDecoder:
 
 
 def from_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    tensors: Iterable[tuple[str, Path, torch.Tensor]] | None = None,
 ) -> TransformerDecoder:
     """Build the model a HF folder describes and load its weights.
 
     The model is built on the meta device and each tensor, memory-mapped from disk, is moved
     once into ``dtype`` on ``device``, so host memory stays near one copy of the weights.
 
+    Args:
+        path: the HF folder.
+        dtype: the dtype of the weights (quantized tensors keep their own).
+        device: where the model goes.
+        tensors: the weights as ``(HF name, file, tensor)`` instead of the folder's files as
+            they are (a quantized model's tensors, rebuilt from their parts).
+
     Raises:
         CheckpointError: no config or weights, an unsupported family, a corrupt file, a
-            missing or unexpected tensor, or a shape mismatch (named, with both shapes).
+            missing or unexpected tensor, or a shape mismatch (named, with both shapes); a
+            quantized folder without ``tensors``.
     """
     hf_config = read_hf_config(path)
+    quantized = hf_config.get("quantization_config")
+    if tensors is None and quantized:
+        method = quantized.get("quant_method", "unknown")
+        how = (
+            "load it with attune.quantization.load_quantized"
+            if method == "torchao"
+            else "attune reads only torchao-quantized folders; start from the full-precision one"
+        )
+        raise CheckpointError(f"{path} holds a quantized model (quant_method {method}); {how}")
     config = decoder_config(hf_config)
     config.source = str(path)
     with torch.device("meta"):
         model = TransformerDecoder(config)
-    loaded = _read_weights(path, model, dtype, device)
+    loaded = _read_weights(path, model, dtype, device, tensors=tensors)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     for module in model.modules():  # RoPE tables were built on the meta device
@@ -108,10 +132,12 @@ def _read_weights(
     dtype: torch.dtype,
     device: str | torch.device,
     ignore: Callable[[str], bool] | None = None,
+    tensors: Iterable[tuple[str, Path, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a HF folder under the model's names, checked against the model's own
-    (every one present, none unexpected, shapes equal), in ``dtype`` on ``device``. Model
-    tensors for which ``ignore`` is true (adapters, say) are not expected in the folder."""
+    """The tensors of a HF folder (or ``tensors``, as ``(HF name, file, tensor)``) under the
+    model's names, checked against the model's own (every one present, none unexpected, shapes
+    equal), in ``dtype`` on ``device`` (a quantized tensor keeps its dtype). Model tensors for
+    which ``ignore`` is true (adapters, say) are not expected in the folder."""
     hf_config = model.config.hf_config
     family = family_of(hf_config)
     config = model.config
@@ -123,7 +149,9 @@ def _read_weights(
     if model.ties_embeddings:
         expected.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
-    for hf_name, file, hf_tensor in iter_safetensors(weight_files(path)):
+    if tensors is None:
+        tensors = iter_safetensors(weight_files(path))
+    for hf_name, file, hf_tensor in tensors:
         if hf_name.endswith(_IGNORED_SUFFIXES):
             continue
         if hf_name == "lm_head.weight" and "lm_head.weight" not in expected:
@@ -146,7 +174,8 @@ def _read_weights(
                     f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, but the "
                     f"config makes it {tuple(expected[name].shape)}"
                 )
-            loaded[name] = tensor.to(device=device, dtype=dtype)
+            plain = type(tensor) is torch.Tensor
+            loaded[name] = tensor.to(device=device, dtype=dtype) if plain else tensor.to(device)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         names = ", ".join(llama_keys_to_hf(n) for n in missing[:3])
@@ -208,6 +237,7 @@ def save_pretrained(
     source: str | Path | None = None,
     max_shard_size: int | str | None = "5GB",
     state: dict[str, torch.Tensor] | None = None,
+    encode: Callable[[dict[str, torch.Tensor]], EncodedWeights] | None = None,
 ) -> Path:
     """Write ``model`` as a HF folder that transformers loads as it is.
 
@@ -224,6 +254,8 @@ def save_pretrained(
         max_shard_size: the largest weights file (``"5GB"``, bytes, or None for one file).
         state: the weights to write instead of ``model.state_dict()`` (a LoRA model's merged
             weights, say), under the model's names.
+        encode: turns the HF tensors into what is written (quantized, say): the tensors, the
+            safetensors metadata that describes them, and entries for ``config.json``.
 
     Raises:
         CheckpointError: the model was not built from a HF config (nothing to write as
@@ -246,8 +278,12 @@ def save_pretrained(
     hf_config[dtype_key] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     source = Path(source) if source is not None else None
     folder = Path(folder)
+    metadata: dict[str, str] = {}
+    if encode is not None:
+        tensors, metadata, config_entries = encode(tensors)
+        hf_config.update(config_entries)
     with atomic_folder(folder) as staging:
-        write_safetensors(tensors, staging, _parse_size(max_shard_size))
+        write_safetensors(tensors, staging, _parse_size(max_shard_size), metadata)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = source / "generation_config.json" if source else None
         if generation is not None and generation.is_file():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attune.errors import ConfigError
+from attune.quantization import ao
 from attune.suggest import did_you_mean
 
 ALL_LINEAR = "all-linear"
@@ -67,8 +68,6 @@ class LoraSettings:
 
 
 def _nf4(weight: torch.Tensor) -> torch.Tensor:
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-
     block = 64
     if weight.numel() % block:
         raise ConfigError(
@@ -77,7 +76,7 @@ def _nf4(weight: torch.Tensor) -> torch.Tensor:
         )
     # torchao's default of 256 scalers per block, or fewer for small layers
     scaler_block = math.gcd(256, weight.numel() // block)
-    return to_nf4(weight, block, scaler_block)
+    return ao.to_nf4(weight, block, scaler_block)
 
 
 class LoRALinear(nn.Module):
@@ -119,6 +118,10 @@ class LoRALinear(nn.Module):
             nn.Parameter(self.base_weight().norm(dim=1)) if use_dora else None
         )
         self.adapter_enabled = True  # off: the base layer alone (see disabled_adapters)
+        # quantization-aware training sets these (attune.quantization.insert_fake_quantization):
+        # the frozen base weight and the layer's input then pass through fake quantization
+        self.activation_fake_quantizer: nn.Module | None = None
+        self.weight_fake_quantizer: nn.Module | None = None
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
@@ -134,9 +137,9 @@ class LoRALinear(nn.Module):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-
-            return linear_nf4(input=x, weight=self.weight)
+            return ao.linear_nf4(x, self.weight)
+        if self.weight_fake_quantizer is not None:
+            return F.linear(x, self.weight_fake_quantizer(self.weight))
         return F.linear(x, self.weight)
 
     def delta_weight(self) -> torch.Tensor:
@@ -144,6 +147,8 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
         base = self._base(x)
         if not self.adapter_enabled:
             return base if self.bias is None else base + self.bias

@@ -1,20 +1,27 @@
-"""Supervised fine-tuning: the full model, or LoRA / DoRA / QLoRA adapters (a ``lora`` section).
+"""Supervised fine-tuning: the full model, or LoRA / DoRA / QLoRA adapters (a ``lora`` section),
+with quantization-aware training when the config has a ``quantization`` section.
 
-Registered as ``full_finetune_single_device`` and ``lora_finetune_single_device``: the config
-decides what trains. The loop below is the whole method; the mechanics it calls (data stream,
-token-exact accumulation, checkpoints, metrics) live in ``attune.training``.
+Registered as ``full_finetune_*``, ``lora_finetune_*``, ``qat_*`` and ``qat_lora_finetune_*``:
+the config decides what trains. QAT fake-quantizes the layers the scheme covers (from the first
+step, or after ``fake_quant_after_n_steps``), then converts: the quantized model is written to
+``output_dir/quantized`` and its held-out loss set beside full precision's in metrics.jsonl.
+The loop below is the whole method; the mechanics it calls (data stream, token-exact
+accumulation, checkpoints, metrics) live in ``attune.training``.
 
     tune run lora_finetune_single_device --config tiny/lora
     tune run full_finetune_single_device --config qwen2_5/0.5B_full batch_size=4
+    tune run --nproc_per_node 2 qat_distributed --config tiny/qat
 """
 
-from attune import config, training
+from attune import config, quantization, training
 
 SCHEMA = {
     **training.TRAINING_KEYS,
     "eval_every_n_steps": config.Field(int | None, required=False),
     "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
     "loss": config.Component(required=False),
+    "quantization": config.Component(required=False),
+    "fake_quant_after_n_steps": config.Field(int | None, required=False),
 }
 
 
@@ -25,8 +32,11 @@ def recipe_main(cfg):
 
 
 def train(cfg, run):
-    # Model (sharded across processes under torchrun), adapters, and where to resume
-    tokenizer, lora, checkpointer, resumed_from, model = training.setup_training(cfg, run)
+    # Model (sharded across processes under torchrun), adapters, fake quantization for QAT,
+    # and where to resume
+    scheme = config.instantiate(cfg.get("quantization"))
+    tokenizer, lora, checkpointer, resumed_from, model = training.setup_training(cfg, run, scheme)
+    fake_quant_from = cfg.get("fake_quant_after_n_steps") or 0
 
     # Data, loss, and the loop (optimizer, schedule, checkpoints, metrics)
     dataset = config.instantiate(cfg.dataset, tokenizer=tokenizer)
@@ -45,6 +55,8 @@ def train(cfg, run):
 
     # The loop: one optimizer step per item; the loop object logs, checkpoints and stops
     for micro_batches in loop:
+        if scheme is not None:
+            quantization.set_fake_quantization(model, loop.step > fake_quant_from)
         result = training.backward_step(model, micro_batches, loss_fn, run.device, run.precision)
         training.check_finite(result.loss, loop.step, loop.last_saved)
         grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
@@ -53,13 +65,19 @@ def train(cfg, run):
             {"loss": result.loss, "trained_tokens": result.trained_tokens, "grad_norm": grad_norm}
         )
         if validation is not None and eval_every and loop.step % eval_every == 0:
-            batches = training.eval_batches(
-                validation, cfg.batch_size, pad_id, run.world.rank, run.world.world_size
+            val_loss = training.held_out_loss(
+                model, validation, loss_fn, cfg.batch_size, pad_id, run
             )
-            val_loss = training.evaluate(model, batches, loss_fn, run.device, run.precision)
             loop.log_now({"val_loss": val_loss})
     loop.finish()
     answers.record(model, "after")
+
+    # QAT's convert: the quantized model, written and scored against full precision
+    if scheme is not None:
+        report = training.quantized_report(
+            run, model, scheme, lora, validation, loss_fn, cfg.batch_size, pad_id, True
+        )
+        loop.log_after(report)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from attune import config, models, peft, training
+from attune import config, models, training
 from attune.errors import ConfigError
 
 SCHEMA = {
-    "seed": config.Field(int, required=False),
-    "device": config.Field(str, required=False),
-    "dtype": config.Field(str, required=False),
-    "model": config.Component(provided=("dtype", "device")),
-    "tokenizer": config.Component(),
+    **training.MODEL_KEYS,
     "adapter": config.Field(str | None, required=False),
     "prompts": list,
     "system_prompt": config.Field(str | None, required=False),
@@ -59,10 +55,7 @@ def recipe_main(cfg):
     dtype = training.resolve_dtype(cfg.get("dtype", "fp32"))
     generator = torch.Generator(device=device).manual_seed(cfg.get("seed", 0))
     tokenizer = config.instantiate(cfg.tokenizer)
-    model = config.instantiate(cfg.model, dtype=dtype, device=device)
-    if cfg.get("adapter"):
-        peft.load_adapter(model, cfg.adapter)
-    model.eval()
+    model, _ = training.model_to_use(cfg, dtype, device)
 
     prompts = OmegaConf.to_container(cfg.prompts, resolve=True)
     if cfg.get("chat", True):

@@ -74,5 +74,10 @@ RECIPES: tuple[Recipe, ...] = (
         "dpo.py",
         ("tiny/dpo_full", *(f"{name}_dpo_full" for name in FULL_DPO_CONFIGS)),
     ),
+    Recipe("qat_single_device", "finetune.py", ("tiny/qat",)),
+    Recipe("qat_distributed", "finetune.py", ("tiny/qat",)),
+    Recipe("qat_lora_finetune_single_device", "finetune.py", ("tiny/qat_lora",)),
+    Recipe("qat_lora_finetune_distributed", "finetune.py", ("tiny/qat_lora",)),
+    Recipe("quantize", "quantize.py", ("tiny/quantize",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
 )

@@ -8,7 +8,7 @@ from attune.training.distributed import World
 from attune.training.interrupt import StopSignals
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import ChunkedCrossEntropy, token_count
-from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger
+from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, append_metrics
 from attune.training.model_setup import (
     apply_activation_checkpointing,
     compile_layers,
@@ -21,6 +21,7 @@ from attune.training.optim import (
     cosine_with_warmup,
     linear_with_warmup,
 )
+from attune.training.quantized import QUANTIZED_FOLDER, held_out_loss, quantized_report
 from attune.training.run import (
     Run,
     restore_checkpoint,
@@ -40,8 +41,10 @@ from attune.training.runtime import (
     state_memory_gb,
 )
 from attune.training.setup import (
+    MODEL_KEYS,
     TRAINING_KEYS,
     TrainingSetup,
+    model_to_use,
     prepare_model,
     setup_training,
     training_loop,
@@ -58,6 +61,8 @@ from attune.training.step import (
 )
 
 __all__ = [
+    "MODEL_KEYS",
+    "QUANTIZED_FOLDER",
     "TRAINING_KEYS",
     "AnswerCheck",
     "AnswerLog",
@@ -76,6 +81,7 @@ __all__ = [
     "WandbLogger",
     "World",
     "accumulated_backward",
+    "append_metrics",
     "apply_activation_checkpointing",
     "backward_step",
     "build_optimizer",
@@ -87,10 +93,13 @@ __all__ = [
     "eval_batches",
     "evaluate",
     "evaluated_sums",
+    "held_out_loss",
     "linear_with_warmup",
+    "model_to_use",
     "optimizer_step",
     "peak_memory_gb",
     "prepare_model",
+    "quantized_report",
     "resolve_device",
     "resolve_dtype",
     "restore_checkpoint",

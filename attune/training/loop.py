@@ -31,7 +31,7 @@ from attune.peft import LoraSettings
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream
 from attune.training.interrupt import StopSignals
-from attune.training.metrics import MetricLogger, MetricsWriter
+from attune.training.metrics import MetricLogger, MetricsWriter, append_metrics
 from attune.training.run import Run, restore_checkpoint, save_checkpoint
 from attune.training.runtime import peak_memory_gb, state_memory_gb
 from attune.training.step import optimizer_step
@@ -204,6 +204,12 @@ class TrainingLoop:
     def log_now(self, fields: Mapping[str, Any]) -> None:
         """Metrics written whatever the step (a validation pass's, say)."""
         self._record.update(fields)
+
+    def log_after(self, fields: Mapping[str, Any]) -> None:
+        """Metrics of the finished run (a final evaluation's), one more line of
+        ``metrics.jsonl`` under the last step."""
+        if self.run.is_main:
+            append_metrics(self.run.output_dir, {"step": self.step, **fields})
 
     def _end_step(self) -> None:
         if self._record:

@@ -85,6 +85,20 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or infinity: such values are written as null."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in metrics.items()
+    }
+
+
+def append_metrics(output_dir: str | Path, record: Mapping[str, Any]) -> None:
+    """One more line of a run's ``metrics.jsonl``, after its writer has closed."""
+    with (Path(output_dir) / METRICS_FILE).open("a", encoding="utf-8") as file:
+        file.write(json.dumps(_finite(record)) + "\n")
+
+
 class MetricsWriter:
     """``metrics.jsonl`` (one JSON object per logged step), a progress bar, and an optional
     extra logger.
@@ -139,11 +153,7 @@ class MetricsWriter:
         """Record one step's metrics (``step`` among them)."""
         if not self.enabled:
             return
-        record = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()
-        }
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(_finite(metrics)) + "\n")
         self.file.flush()
         if self.extra is not None:
             numbers = {k: v for k, v in metrics.items() if k != "step"}

@@ -17,6 +17,7 @@ from attune.config import instantiate
 from attune.errors import ConfigError
 from attune.models import TransformerDecoder, load_weights, save_pretrained
 from attune.peft import LoraSettings, apply_lora, is_adapter_key, merge_state_dict, save_adapter
+from attune.quantization import QuantizationScheme, insert_fake_quantization
 from attune.training.checkpointer import Checkpointer
 from attune.training.distributed import (
     World,
@@ -105,6 +106,7 @@ def setup_model(
     lora: LoraSettings | None = None,
     weights: str | Path | None = None,
     cpu_offload: bool = False,
+    fake_quantization: QuantizationScheme | None = None,
 ) -> TransformerDecoder:
     """Build the ``model`` component for this process, with LoRA adapters when given.
 
@@ -119,11 +121,15 @@ def setup_model(
         weights: a HF folder to load the weights from instead of the model's own (the
             checkpoint a full run resumes from).
         cpu_offload: keep sharded parameters and optimizer state on the CPU.
+        fake_quantization: quantization-aware training under this scheme: fake quantizers
+            go in before sharding (FSDP2 then holds the swapped layers' parameters).
     """
     distributed = run.world.distributed
     model = instantiate(node, dtype=run.dtype, device="meta" if distributed else run.device)
     if lora is not None:
         apply_lora(model, lora)
+    if fake_quantization is not None:
+        insert_fake_quantization(model, fake_quantization)
     if distributed:
         compute = resolve_dtype(run.autocast) if run.autocast else None
         shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)

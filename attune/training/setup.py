@@ -14,7 +14,9 @@ from typing import Any, NamedTuple
 import torch
 
 from attune import config
-from attune.peft import LoraSettings
+from attune.errors import ConfigError
+from attune.peft import LoraSettings, load_adapter
+from attune.quantization import QuantizationScheme
 from attune.tokenizer import Tokenizer
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream
@@ -28,11 +30,18 @@ from attune.training.model_setup import (
 from attune.training.optim import build_optimizer
 from attune.training.run import Run, resume_point, setup_model
 
-TRAINING_KEYS = {
-    "output_dir": str,
+MODEL_KEYS = {
     "seed": config.Field(int, required=False),
     "device": config.Field(str, required=False),
     "dtype": config.Field(str, required=False),
+    "model": config.Component(provided=("dtype", "device")),
+    "tokenizer": config.Component(),
+}
+"""The keys of every recipe that loads a model: its component, tokenizer, device and dtype."""
+
+TRAINING_KEYS = {
+    "output_dir": str,
+    **MODEL_KEYS,
     "autocast": config.Field(str | None, required=False),
     "batch_size": int,
     "gradient_accumulation_steps": config.Field(int, required=False),
@@ -46,8 +55,6 @@ TRAINING_KEYS = {
     "enable_activation_checkpointing": config.Field(bool, required=False),
     "num_workers": config.Field(int, required=False),
     "cpu_offload": config.Field(bool, required=False),
-    "model": config.Component(provided=("dtype", "device")),
-    "tokenizer": config.Component(),
     "lora": config.Component(required=False),
     "dataset": config.Component(provided=("tokenizer",)),
     "optimizer": config.Component(provided=("params",)),
@@ -57,6 +64,17 @@ TRAINING_KEYS = {
     "answer_check": config.Component(required=False),
 }
 """The top-level keys every training recipe reads (its schema adds its own)."""
+
+
+def model_to_use(
+    cfg: Any, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.nn.Module, LoraSettings | None]:
+    """The ``model`` component in eval mode, with the peft adapter folder ``adapter`` applied
+    when the config names one (and that adapter's settings, else None)."""
+    model = config.instantiate(cfg.model, dtype=dtype, device=device)
+    lora = load_adapter(model, cfg.adapter) if cfg.get("adapter") else None
+    model.eval()
+    return model, lora
 
 
 class TrainingSetup(NamedTuple):
@@ -69,30 +87,43 @@ class TrainingSetup(NamedTuple):
     model: torch.nn.Module
 
 
-def setup_training(cfg: Any, run: Run) -> TrainingSetup:
+def setup_training(
+    cfg: Any, run: Run, fake_quantization: QuantizationScheme | None = None
+) -> TrainingSetup:
     """The config's tokenizer, LoRA settings and checkpointer, the checkpoint to resume from
     (with ``resume_from_checkpoint``), and the model prepared for training
-    (:func:`prepare_model`)."""
+    (:func:`prepare_model`), fake-quantized under ``fake_quantization`` for QAT."""
     tokenizer = config.instantiate(cfg.tokenizer)
     lora = config.instantiate(cfg.get("lora"))
+    if fake_quantization is not None and lora is not None and lora.quantize_base:
+        raise ConfigError(
+            "lora.quantize_base (QLoRA's NF4 base) and quantization (QAT) both quantize the "
+            "base weights; keep one of them"
+        )
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
     resumed_from = resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
-    model = prepare_model(cfg, run, lora, resumed_from)
+    model = prepare_model(cfg, run, lora, resumed_from, fake_quantization)
     return TrainingSetup(tokenizer, lora, checkpointer, resumed_from, model)
 
 
 def prepare_model(
-    cfg: Any, run: Run, lora: LoraSettings | None, resumed_from: Path | None
+    cfg: Any,
+    run: Run,
+    lora: LoraSettings | None,
+    resumed_from: Path | None,
+    fake_quantization: QuantizationScheme | None = None,
 ) -> torch.nn.Module:
     """The ``model`` component built for this run (sharded under torchrun, with ``lora``'s
-    adapters, from the resumed checkpoint's weights for a full run), with activation
-    checkpointing and ``torch.compile`` when the config asks for them."""
+    adapters and ``fake_quantization``'s fake quantizers, from the resumed checkpoint's weights
+    for a full run), with activation checkpointing and ``torch.compile`` when the config asks
+    for them."""
     model = setup_model(
         cfg.model,
         run,
         lora,
         weights=resumed_from if lora is None else None,
         cpu_offload=cfg.get("cpu_offload", False),
+        fake_quantization=fake_quantization,
     )
     if cfg.get("enable_activation_checkpointing"):
         apply_activation_checkpointing(model)

@@ -137,6 +137,11 @@ def run_tune_in_process(*args: str, env: dict | None = None) -> subprocess.Compl
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def losses(run_dir: Path) -> list[float]:
+def records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [json.loads(line) for line in lines]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The training loss of each logged step (a run's closing evaluation line has none)."""
+    return [record["loss"] for record in records(run_dir) if "loss" in record]

@@ -1,0 +1,108 @@
+"""The quantized model at the end of a run: written as a HF folder, and its held-out loss set
+beside full precision's, so a run shows what quantizing costs.
+
+Used by QAT (the full-finetune recipe with a ``quantization`` section) and by the ``quantize``
+recipe (post-training quantization). The metrics, on the same held-out data:
+
+- ``val_loss`` / ``val_perplexity``: the model in full precision (a QAT model with its fake
+  quantization off);
+- ``val_loss_fake_quant``: a QAT model with fake quantization on (what it trained as);
+- ``val_loss_quantized`` / ``val_perplexity_quantized``: the converted model, loaded back from
+  the folder written (so the numbers are those of what a user deploys).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attune.data import TokenizedDataset
+from attune.peft import LoraSettings, merge_state_dict
+from attune.quantization import (
+    QuantizationScheme,
+    load_quantized,
+    save_quantized,
+    set_fake_quantization,
+)
+from attune.training.data import eval_batches
+from attune.training.distributed import full_state_dict
+from attune.training.run import Run
+from attune.training.step import evaluate
+
+QUANTIZED_FOLDER = "quantized"
+
+
+def held_out_loss(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    loss_fn: Any,
+    batch_size: int,
+    pad_id: int,
+    run: Run,
+) -> float:
+    """The mean loss per trained token of ``dataset`` (each rank scores its share)."""
+    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
+    return evaluate(model, batches, loss_fn, run.device, run.precision)
+
+
+def quantized_report(
+    run: Run,
+    model: torch.nn.Module,
+    scheme: QuantizationScheme,
+    lora: LoraSettings | None = None,
+    validation: TokenizedDataset | None = None,
+    loss_fn: Any = None,
+    batch_size: int = 1,
+    pad_id: int = 0,
+    fake_quantized: bool = False,
+) -> dict[str, float]:
+    """Write ``model`` quantized under ``scheme`` to ``output_dir/quantized`` and, with
+    ``validation``, score full precision against the quantized model. A collective: every
+    rank calls it (each then loads the quantized model, small, and scores its share).
+
+    Args:
+        run: the run.
+        model: the trained model (sharded or not; a LoRA model's adapters are merged first).
+        scheme: how to quantize.
+        lora: the adapter settings of a LoRA model.
+        validation: held-out data, or None to only write the folder.
+        loss_fn: the loss to score with.
+        batch_size, pad_id: for the held-out batches.
+        fake_quantized: ``model`` carries QAT's fake quantizers (scored on and off).
+
+    Returns:
+        The metrics (see the module docstring); empty without ``validation``.
+    """
+    report: dict[str, float] = {}
+    if validation is not None:
+        if fake_quantized:
+            report["val_loss_fake_quant"] = held_out_loss(
+                model, validation, loss_fn, batch_size, pad_id, run
+            )
+            set_fake_quantization(model, False)
+        report["val_loss"] = held_out_loss(model, validation, loss_fn, batch_size, pad_id, run)
+        if fake_quantized:
+            set_fake_quantization(model, True)
+    state = full_state_dict(model, run.world)
+    folder = Path(run.output_dir) / QUANTIZED_FOLDER
+    if run.is_main:
+        weights = merge_state_dict(state, lora) if lora is not None else state
+        save_quantized(model, folder, scheme, state=weights, source=model.config.source)
+        run.print(f"wrote the {scheme.describe()} quantized model to {folder}")
+    run.world.barrier()
+    if validation is not None:
+        quantized = load_quantized(folder, dtype=run.dtype, device=run.device)
+        report["val_loss_quantized"] = held_out_loss(
+            quantized, validation, loss_fn, batch_size, pad_id, run
+        )
+        report["val_perplexity"] = math.exp(min(report["val_loss"], 50.0))
+        report["val_perplexity_quantized"] = math.exp(min(report["val_loss_quantized"], 50.0))
+        run.print(
+            "held-out loss: full precision {val_loss:.4f}, quantized {val_loss_quantized:.4f}".format(
+                **report
+            )
+        )
+    return report
