@@ -57,7 +57,9 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
 @pytest.fixture
 def tune(capsys, monkeypatch):
     """Run ``tune`` in-process: ``tune("ls")`` -> (exit code, stdout, stderr)."""
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    # set (to off), not deleted: ``tune --debug`` sets it in os.environ for torchrun's workers,
+    # and monkeypatch then removes it again at teardown, so it cannot leak into later tests
+    monkeypatch.setenv("ATTUNE_DEBUG", "")
 
     def call(*argv: str) -> tuple[int, str, str]:
         with pytest.raises(SystemExit) as exit_info:

@@ -11,7 +11,7 @@ def fail():
 
 
 def test_user_error_is_one_line_and_exit_1(capsys, monkeypatch):
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    monkeypatch.setenv("ATTUNE_DEBUG", "")  # restored at teardown, even if set inside
     with pytest.raises(SystemExit) as exit_info:
         fail()
     assert exit_info.value.code == 1
@@ -28,7 +28,7 @@ def test_debug_shows_the_traceback(capsys, monkeypatch):
 
 
 def test_interrupt_exits_130_quietly(capsys, monkeypatch):
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    monkeypatch.setenv("ATTUNE_DEBUG", "")  # restored at teardown, even if set inside
     with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
         raise KeyboardInterrupt
     assert exit_info.value.code == 130

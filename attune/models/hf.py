@@ -93,7 +93,7 @@ def from_pretrained(
 
     Args:
         path: the HF folder.
-        dtype: the dtype of the weights (quantized tensors keep their own).
+        dtype: the dtype of the weights (of a quantized tensor, the dtype it computes in).
         device: where the model goes.
         tensors: the weights as ``(HF name, file, tensor)`` instead of the folder's files as
             they are (a quantized model's tensors, rebuilt from their parts).
@@ -136,7 +136,7 @@ def _read_weights(
 ) -> dict[str, torch.Tensor]:
     """The tensors of a HF folder (or ``tensors``, as ``(HF name, file, tensor)``) under the
     model's names, checked against the model's own (every one present, none unexpected, shapes
-    equal), in ``dtype`` on ``device`` (a quantized tensor keeps its dtype). Model tensors for
+    equal), in ``dtype`` on ``device`` (a quantized tensor's compute dtype). Model tensors for
     which ``ignore`` is true (adapters, say) are not expected in the folder."""
     hf_config = model.config.hf_config
     family = family_of(hf_config)
@@ -174,8 +174,7 @@ def _read_weights(
                     f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, but the "
                     f"config makes it {tuple(expected[name].shape)}"
                 )
-            plain = type(tensor) is torch.Tensor
-            loaded[name] = tensor.to(device=device, dtype=dtype) if plain else tensor.to(device)
+            loaded[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         names = ", ".join(llama_keys_to_hf(n) for n in missing[:3])

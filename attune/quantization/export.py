@@ -121,7 +121,8 @@ def load_quantized(
 
     Args:
         folder: the folder.
-        dtype: the dtype of the tensors kept in full precision (norms, the output head).
+        dtype: the dtype it computes in (of the full-precision tensors, and of the quantized
+            ones once dequantized), whatever the folder was written in.
         device: where the model goes.
 
     Raises:

@@ -96,8 +96,9 @@ class QuantizationScheme:
         """
         if self.group_size is None:
             return
+        tied = bool(getattr(model, "ties_embeddings", False))
         for name, module in model.named_modules():
-            width = _quantized_width(module, name, self)
+            width = _quantized_width(module, name, self, tied)
             if width is not None and width % self.group_size:
                 raise ConfigError(
                     f"quantization.group_size={self.group_size} does not divide the "
@@ -109,13 +110,17 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _quantized_width(module: nn.Module, name: str, scheme: QuantizationScheme) -> int | None:
-    """The grouped width of a layer the scheme quantizes, or None if it is left alone."""
+def _quantized_width(
+    module: nn.Module, name: str, scheme: QuantizationScheme, tied: bool
+) -> int | None:
+    """The grouped width of a layer the scheme quantizes, or None if it is left alone. A head
+    tied to the embedding is the embedding's tensor: it is quantized as the embedding (at
+    export), never as a linear layer of its own."""
     if isinstance(module, nn.Embedding):
         return module.embedding_dim if scheme.embedding else None
     if _leaf(name) in ADAPTER_NAMES:
         return None
-    if _leaf(name) in OUTPUT_NAMES and not scheme.output:
+    if _leaf(name) in OUTPUT_NAMES and (tied or not scheme.output):
         return None
     if isinstance(module, nn.Linear) or _applies_its_own(module):
         return module.in_features
@@ -135,14 +140,17 @@ def insert_fake_quantization(model: nn.Module, scheme: QuantizationScheme) -> No
     """
     scheme.check_fits(model)
     base = scheme.linear_config()
+    tied = bool(getattr(model, "ties_embeddings", False))
 
-    def plain_linear(module: nn.Module, name: str) -> bool:
-        return type(module) is nn.Linear and _quantized_width(module, name, scheme) is not None
+    def covered(module: nn.Module, name: str) -> bool:
+        return _quantized_width(module, name, scheme, tied) is not None
 
-    ao.insert_fake_quantization(model, base, plain_linear)
+    ao.insert_fake_quantization(
+        model, base, lambda module, name: type(module) is nn.Linear and covered(module, name)
+    )
     for name, module in model.named_modules():
         # layers of our own that apply fake quantizers themselves (LoRA's)
-        if _applies_its_own(module) and _quantized_width(module, name, scheme) is not None:
+        if _applies_its_own(module) and covered(module, name):
             module.activation_fake_quantizer, module.weight_fake_quantizer = ao.fake_quantizers(
                 base
             )

@@ -79,13 +79,12 @@ def quantized_report(
     report: dict[str, float] = {}
     if validation is not None:
         if fake_quantized:
+            set_fake_quantization(model, True)
             report["val_loss_fake_quant"] = held_out_loss(
                 model, validation, loss_fn, batch_size, pad_id, run
             )
             set_fake_quantization(model, False)
         report["val_loss"] = held_out_loss(model, validation, loss_fn, batch_size, pad_id, run)
-        if fake_quantized:
-            set_fake_quantization(model, True)
     state = full_state_dict(model, run.world)
     folder = Path(run.output_dir) / QUANTIZED_FOLDER
     if run.is_main:

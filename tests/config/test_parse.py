@@ -44,7 +44,7 @@ def test_bare_decorator_works(run_file):
     ],
 )
 def test_bad_arguments_end_before_the_recipe_runs(run_file, argv, message, capsys, monkeypatch):
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    monkeypatch.setenv("ATTUNE_DEBUG", "")  # restored at teardown, even if set inside
     ran = []
 
     @config.parse(SCHEMA)
@@ -62,7 +62,7 @@ def test_bad_arguments_end_before_the_recipe_runs(run_file, argv, message, capsy
 def test_user_errors_during_the_run_are_one_line_with_the_rank(run_file, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    monkeypatch.setenv("ATTUNE_DEBUG", "")  # restored at teardown, even if set inside
 
     @config.parse(SCHEMA)
     def recipe_main(cfg):
@@ -87,7 +87,7 @@ def test_launcher_options_after_the_recipe_get_a_hint():
 
 
 def test_debug_after_the_config_shows_tracebacks(run_file, capsys, monkeypatch):
-    monkeypatch.delenv("ATTUNE_DEBUG", raising=False)
+    monkeypatch.setenv("ATTUNE_DEBUG", "")  # restored at teardown, even if set inside
 
     @config.parse(SCHEMA)
     def recipe_main(cfg):

@@ -126,3 +126,15 @@ def test_a_quantized_folder_is_not_read_as_full_precision(untied, tmp_path):
         models.from_pretrained(folder)
     with pytest.raises(CheckpointError, match="not a torchao-quantized"):
         load_quantized(untied)
+
+
+def test_a_bf16_export_computes_in_the_dtype_it_is_loaded_in(untied, tmp_path):
+    scheme = SCHEMES["int4_weight_only+embedding"]  # weight-only: no activation rounding
+    model = models.from_pretrained(untied, dtype=torch.bfloat16)
+    folder = save_quantized(model, tmp_path / "q", scheme, source=untied)
+    as_bf16 = load_quantized(folder, dtype=torch.bfloat16)
+    as_fp32 = load_quantized(folder, dtype=torch.float32)
+    assert logits(as_bf16).dtype == torch.bfloat16 and logits(as_fp32).dtype == torch.float32
+    # the same integers and scales, dequantized and multiplied in either dtype; what is left is
+    # bf16's rounding (the full-precision model's own bf16/fp32 gap here is 0.08, logits ~4)
+    torch.testing.assert_close(logits(as_bf16).float(), logits(as_fp32), rtol=0, atol=0.25)

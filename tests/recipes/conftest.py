@@ -119,7 +119,8 @@ def train(recipe: str, config: Path, *overrides: str, env: dict | None = None, l
 
 def run_tune_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``tune ARGS`` in this process, as :func:`tests.conftest.run_tune` runs it in another."""
-    saved = {name: os.environ.get(name) for name in (env or {})}
+    # ``tune --debug`` would leave ATTUNE_DEBUG set in this process: restore it with the rest
+    saved = {name: os.environ.get(name) for name in (*(env or {}), "ATTUNE_DEBUG")}
     os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
     code = 0

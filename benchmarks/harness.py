@@ -1,0 +1,169 @@
+"""Measure one training run: any recipe and config, a fixed number of steps, figures as JSON.
+
+The run is the real ``tune run`` in a child process, every step logged. From its
+``metrics.jsonl`` (each step's input tokens, trained tokens and clock) and the child's resource
+usage this reports, over the steady state (the steps after ``warmup``):
+
+- ``tokens_per_second``: non-padding input tokens per second (the anchors' measure);
+- ``trained_tokens_per_second``: tokens that carry a loss, per second;
+- ``step_seconds``: the mean wall time of a step (data, forward, backward, optimizer);
+- ``peak_rss_gb``: the child's peak resident memory (the whole process, all of the run);
+- ``peak_cuda_memory_gb`` and ``mfu`` on a GPU (model FLOPs utilisation: 6 x parameters x
+  non-padding tokens/s over the device's dense bf16 peak; attention's own FLOPs left out);
+- ``loss``: the last step's, and ``wall_seconds``: the whole process.
+
+    python benchmarks/harness.py full_finetune_single_device --config tiny/full --steps 30
+    python benchmarks/harness.py lora_finetune_single_device --config my.yaml --steps 60 \\
+        --warmup 2 -- batch_size=4 dataset.packed=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 tensor-core peaks (FLOP/s), for MFU; a device not listed reports no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The per-step records of a run (a closing evaluation line has no ``loss``: left out)."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if "loss" in record]
+
+
+def steady_state(records: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """Throughput over the steps after ``warmup``: from the end of step ``warmup`` to the end
+    of the last step, so data loading between steps is inside the window."""
+    by_step = {record["step"]: record for record in records}
+    last = max(by_step)
+    if warmup < 1 or warmup >= last or any(s not in by_step for s in range(warmup, last + 1)):
+        raise ValueError(
+            f"need every step from {warmup} to {last} logged (log_every_n_steps=1) and more "
+            f"steps than the {warmup} warm-up ones"
+        )
+    start, end = by_step[warmup], by_step[last]
+    seconds = end["elapsed_s"] - start["elapsed_s"]
+    tokens = end["tokens_seen"] - start["tokens_seen"]
+    trained = sum(by_step[s].get("trained_tokens", 0) for s in range(warmup + 1, last + 1))
+    return {
+        "steps_measured": last - warmup,
+        "tokens_per_second": tokens / seconds,
+        "trained_tokens_per_second": trained / seconds,
+        "step_seconds": seconds / (last - warmup),
+        "loss": end["loss"],
+    }
+
+
+def run_and_measure(
+    recipe: str,
+    config: str,
+    overrides: list[str],
+    steps: int,
+    warmup: int = 2,
+    output_dir: Path | None = None,
+    parameters: int | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``tune run recipe --config config`` for ``steps`` steps and measure it.
+
+    Args:
+        recipe, config, overrides: what ``tune run`` gets.
+        steps: optimizer steps (``max_steps``).
+        warmup: steps left out of the throughput (compilation, first allocations).
+        output_dir: the run's folder (default: a temporary one, removed after).
+        parameters: the model's parameter count, for MFU on a GPU.
+        env: extra environment for the run.
+
+    Raises:
+        RuntimeError: the run failed (its stderr's tail in the message).
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = output_dir or Path(scratch) / "run"
+        command = [
+            sys.executable,
+            "-m",
+            "attune",
+            "run",
+            recipe,
+            "--config",
+            config,
+            f"output_dir={folder}",
+            f"max_steps={steps}",
+            "log_every_n_steps=1",
+            *overrides,
+        ]
+        started = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as stderr:
+            child = subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+            )
+            # the child's own peak resident set (ru_maxrss is in KiB on Linux)
+            _, status, usage = os.wait4(child.pid, 0)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - started
+            if child.returncode != 0:
+                stderr.seek(0)
+                raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read()[-3000:]}")
+        records = read_metrics(folder)
+        figures = steady_state(records, warmup)
+    figures.update(
+        {
+            "recipe": recipe,
+            "config": config,
+            "overrides": overrides,
+            "steps": steps,
+            "warmup_steps": warmup,
+            "peak_rss_gb": usage.ru_maxrss / 2**20,
+            "wall_seconds": wall,
+        }
+    )
+    figures.update(_gpu_figures(records, figures, parameters))
+    return figures
+
+
+def _gpu_figures(
+    records: list[dict[str, Any]], figures: dict[str, Any], parameters: int | None
+) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    gpu = {"peak_cuda_memory_gb": max(r.get("peak_memory_gb") or 0 for r in records)}
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if parameters and peak:
+        gpu["mfu"] = 6 * parameters * figures["tokens_per_second"] / peak
+        gpu["device"] = name
+    return gpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--parameters", type=int, default=None, help="for MFU on a GPU")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (after --)")
+    args = parser.parse_args()
+    figures = run_and_measure(
+        args.recipe, args.config, args.overrides, args.steps, args.warmup, None, args.parameters
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
