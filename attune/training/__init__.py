@@ -21,7 +21,7 @@ from attune.training.optim import (
     cosine_with_warmup,
     linear_with_warmup,
 )
-from attune.training.quantized import QUANTIZED_FOLDER, held_out_loss, quantized_report
+from attune.training.quantized import QUANTIZED_FOLDER, quantized_report
 from attune.training.run import (
     Run,
     restore_checkpoint,
@@ -57,6 +57,7 @@ from attune.training.step import (
     check_finite,
     evaluate,
     evaluated_sums,
+    held_out_loss,
     optimizer_step,
 )
 

@@ -27,25 +27,11 @@ from attune.quantization import (
     save_quantized,
     set_fake_quantization,
 )
-from attune.training.data import eval_batches
 from attune.training.distributed import full_state_dict
 from attune.training.run import Run
-from attune.training.step import evaluate
+from attune.training.step import held_out_loss
 
 QUANTIZED_FOLDER = "quantized"
-
-
-def held_out_loss(
-    model: torch.nn.Module,
-    dataset: TokenizedDataset,
-    loss_fn: Any,
-    batch_size: int,
-    pad_id: int,
-    run: Run,
-) -> float:
-    """The mean loss per trained token of ``dataset`` (each rank scores its share)."""
-    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
-    return evaluate(model, batches, loss_fn, run.device, run.precision)
 
 
 def quantized_report(

@@ -12,12 +12,18 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from attune.errors import AttuneError
+from attune.training.data import eval_batches
 from attune.training.loss import token_count
+
+if TYPE_CHECKING:
+    from attune.data import TokenizedDataset
+    from attune.training.run import Run
 
 MODEL_INPUTS = ("padding_mask", "document_ids")
 
@@ -248,3 +254,16 @@ def evaluate(
         model, batches, lambda batch: token_count(batch["labels"]), summed, device
     )
     return sums.get("loss", 0.0) / max(tokens, 1)
+
+
+def held_out_loss(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    loss_fn: Any,
+    batch_size: int,
+    pad_id: int,
+    run: Run,
+) -> float:
+    """The mean loss per trained token of ``dataset`` (each rank scores its share)."""
+    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
+    return evaluate(model, batches, loss_fn, run.device, run.precision)
