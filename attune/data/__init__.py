@@ -8,6 +8,7 @@ from attune.data.builders import (
 )
 from attune.data.collate import IGNORE_INDEX, pack_collate, pad_collate, preference_collate
 from attune.data.packing import PackingSampler
+from attune.data.prompts import PromptDataset, prompt_dataset
 from attune.data.sampler import GlobalOrderSampler
 from attune.data.sources import DataError, load_rows
 from attune.data.tokenized import TokenizedDataset, TruncationStats
@@ -17,6 +18,7 @@ __all__ = [
     "DataError",
     "GlobalOrderSampler",
     "PackingSampler",
+    "PromptDataset",
     "TokenizedDataset",
     "TruncationStats",
     "chat_dataset",
@@ -26,5 +28,6 @@ __all__ = [
     "pad_collate",
     "preference_collate",
     "preference_dataset",
+    "prompt_dataset",
     "text_completion_dataset",
 ]

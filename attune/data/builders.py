@@ -236,6 +236,7 @@ def preference_dataset(
     ``rejected`` conversations with the prompt implicit. Each side is rendered with the chat
     template; only its final reply is trained (its tokens carry the log-probabilities that
     preference losses compare). A pair is dropped when either side has nothing left to train.
+    A ``margin`` column (how much better the chosen reply is) is kept for reward models.
 
     Args:
         max_seq_len: the longest sequence of either side (None: no limit).
@@ -254,7 +255,9 @@ def preference_dataset(
     return _build(
         tokenizer,
         source,
-        PreferenceEncoder(tokenizer, to_pair, template_kwargs),
+        PreferenceEncoder(
+            tokenizer, to_pair, template_kwargs, (column_map or {}).get("margin", "margin")
+        ),
         identity,
         kind="preference",
         **_shared_options(locals()),

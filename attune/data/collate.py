@@ -105,8 +105,8 @@ def preference_collate(
         :func:`pad_collate`'s batch of ``2 * len(pairs)`` rows: the chosen replies first, then
         the rejected ones in the same order (row ``i`` and row ``i + len(pairs)`` are a pair);
         ``sequence_ids`` ``[rows, length]``, each token's sequence (its row; -1 on padding),
-        ``pairs``, the number of pairs (a 0-d tensor), and, when the pairs carry their dataset
-        ``index``, ``pair_index`` ``[pairs]``, as :func:`preference_pack_collate` gives them.
+        ``pairs``, the number of pairs (a 0-d tensor), ``margin`` ``[pairs]`` when the pairs
+        carry one, and, when they carry their dataset ``index``, ``pair_index`` ``[pairs]``, as :func:`preference_pack_collate` gives them.
     """
     rows = [_side(pair, side) for side in ("chosen", "rejected") for pair in pairs]
     batch = pad_collate(rows, pad_id, pad_to_multiple_of)
@@ -119,6 +119,8 @@ def _with_pair_fields(
     batch: dict[str, torch.Tensor], pairs: Sequence[dict[str, Any]]
 ) -> dict[str, torch.Tensor]:
     batch["pairs"] = torch.tensor(len(pairs))
+    if pairs and "margin" in pairs[0]:
+        batch["margin"] = torch.tensor([pair["margin"] for pair in pairs], dtype=torch.float32)
     if pairs and "index" in pairs[0]:
         batch["pair_index"] = torch.tensor([pair["index"] for pair in pairs], dtype=torch.long)
     return batch

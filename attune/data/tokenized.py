@@ -41,7 +41,7 @@ from attune.tokenizer.assistant_mask import MaskStrategy
 TruncationPolicy = Literal["truncate", "drop"]
 TRUNCATION_POLICIES = ("truncate", "drop")
 # Bump when the encoders change what they write, so old caches are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 SIDES = {"sft": ("",), "preference": ("chosen_", "rejected_")}
 
 
@@ -73,15 +73,19 @@ class PreferenceEncoder:
     """A preference row (``to_pair`` gives chosen and rejected conversations), each side
     rendered with the chat template; only the final reply is trained.
 
-    Returns ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels"}``.
+    Returns ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels"}``, and
+    ``margin`` when the rows have a ``margin_column``.
     """
 
     tokenizer: Tokenizer
     to_pair: Callable[[Mapping[str, Any]], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    margin_column: str = "margin"
 
-    def __call__(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
-        encoded = {}
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        encoded: dict[str, Any] = {}
+        if self.margin_column in row:  # a reward model's per-pair margin (Llama 2)
+            encoded["margin"] = float(row[self.margin_column] or 0.0)
         for side, messages in zip(("chosen", "rejected"), self.to_pair(row), strict=True):
             tokens, mask = self.tokenizer.tokenize_messages(
                 messages, "last_assistant", **self.template_kwargs
@@ -251,6 +255,8 @@ class TokenizedDataset(Dataset):
         self.source = source
         sides = SIDES[kind]
         self.columns = [f"{side}{name}" for side in sides for name in ("tokens", "labels")]
+        if kind == "preference" and "margin" in table.column_names:
+            self.columns.append("margin")
         self.table = table.select_columns(self.columns)
         counts = table.with_format(
             "numpy",
@@ -284,7 +290,10 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.table[int(self.indices[index])]
         if self.max_seq_len is not None:
-            row = {name: values[: self.max_seq_len] for name, values in row.items()}
+            row = {
+                name: values[: self.max_seq_len] if isinstance(values, list) else values
+                for name, values in row.items()
+            }
         if self.kind == "preference":
             row["index"] = index  # what per-pair caches (reference log-probs) are keyed by
         return row

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attune.data import instruct_dataset, preference_dataset
+from attune.data import PromptDataset, instruct_dataset, preference_dataset, prompt_dataset
 from attune.data.tokenized import TokenizedDataset, TruncationPolicy
 from attune.tokenizer import Tokenizer
 
@@ -161,6 +161,33 @@ def reverse_words_preference_dataset(
         packed=packed,
         cache_dir=cache_dir,
     )
+
+
+def reverse_words_prompts(
+    tokenizer: Tokenizer,
+    split: str = "train",
+    max_prompt_len: int | None = None,
+    cache_dir: str | None = None,
+) -> PromptDataset:
+    """The demo rows as RL prompts (:func:`~attune.data.prompt_dataset`): each instruction,
+    with its expected ``output`` kept for :func:`reverse_words_reward`."""
+    return prompt_dataset(
+        tokenizer, str(data_file(split)), max_prompt_len=max_prompt_len, cache_dir=cache_dir
+    )
+
+
+def reverse_words_reward(
+    prompts: list[str], completions: list[str], output: list[str], **_: Any
+) -> list[float]:
+    """A verifiable reward for the demo: per completion, the share of the expected words in
+    their expected places (1.0 for the exact reversal), less 0.5 for any extra or missing
+    words (a format check)."""
+    scores = []
+    for completion, expected in zip(completions, output, strict=True):
+        got, want = completion.split(), expected.split()
+        placed = sum(a == b for a, b in zip(got, want, strict=False)) / len(want)
+        scores.append(placed - (0.5 if len(got) != len(want) else 0.0))
+    return scores
 
 
 def reverse_words_rows(split: str = "test", num_rows: int | None = None) -> list[Mapping[str, Any]]:

@@ -147,10 +147,13 @@ def _write_checkpoint(folder: Path) -> None:
 
 
 def tiny_model(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_labels: int | None = None,
 ) -> TransformerDecoder:
-    """The tiny model (random weights), loaded from its cached checkpoint."""
-    return from_pretrained(tiny_checkpoint(), dtype=dtype, device=device)
+    """The tiny model, loaded from its cached checkpoint; with ``num_labels``, with a fresh
+    score head instead of its output projection (a reward or value model to train)."""
+    return from_pretrained(tiny_checkpoint(), dtype=dtype, device=device, num_labels=num_labels)
 
 
 def tiny_tokenizer() -> Tokenizer:

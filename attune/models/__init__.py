@@ -20,9 +20,12 @@ from attune.models.hf import (
     decoder_config,
     from_hf_config,
     from_pretrained,
+    init_score_head,
+    is_sequence_classifier,
     load_weights,
     read_hf_config,
     save_pretrained,
+    with_score_head,
 )
 from attune.models.kv_cache import KVCache
 
@@ -36,6 +39,8 @@ __all__ = [
     "from_pretrained",
     "gemma2_2b",
     "generate",
+    "init_score_head",
+    "is_sequence_classifier",
     "llama3_1_8b",
     "llama3_2_1b",
     "llama3_2_3b",
@@ -50,4 +55,5 @@ __all__ = [
     "register_family",
     "sample_next",
     "save_pretrained",
+    "with_score_head",
 ]

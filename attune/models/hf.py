@@ -72,6 +72,43 @@ def decoder_config(hf_config: dict[str, Any]) -> DecoderConfig:
         raise CheckpointError(f"config.json: {error}") from None
 
 
+def is_sequence_classifier(hf_config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` describes a ``*ForSequenceClassification`` model."""
+    return any(
+        a.endswith("ForSequenceClassification") for a in hf_config.get("architectures") or []
+    )
+
+
+def with_score_head(hf_config: dict[str, Any], num_labels: int) -> dict[str, Any]:
+    """A causal LM's ``config.json`` turned into its ``*ForSequenceClassification`` twin with
+    ``num_labels`` outputs (reward and value models), as transformers writes one.
+
+    Raises:
+        CheckpointError: the architecture has no ``ForCausalLM`` name to derive it from.
+    """
+    if is_sequence_classifier(hf_config):
+        labels = hf_config.get("num_labels") or len(hf_config.get("id2label") or {0: 0, 1: 1})
+        if labels != num_labels:
+            raise CheckpointError(
+                f"the checkpoint's score head has {labels} outputs, not num_labels={num_labels}"
+            )
+        return dict(hf_config)
+    architectures = hf_config.get("architectures") or []
+    causal = [a for a in architectures if a.endswith("ForCausalLM")]
+    if not causal:
+        raise CheckpointError(
+            f"cannot add a score head to a {architectures or hf_config.get('model_type')} "
+            "checkpoint: its config.json names no *ForCausalLM architecture"
+        )
+    labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    return {
+        **hf_config,
+        "architectures": [causal[0].removesuffix("ForCausalLM") + "ForSequenceClassification"],
+        "id2label": labels,
+        "label2id": {name: int(i) for i, name in labels.items()},
+    }
+
+
 def from_hf_config(config: dict[str, Any] | str | Path) -> TransformerDecoder:
     """A randomly initialised decoder shaped by a ``config.json`` (a dict, file or folder)."""
     if not isinstance(config, dict):
@@ -85,6 +122,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     tensors: Iterable[tuple[str, Path, torch.Tensor]] | None = None,
+    num_labels: int | None = None,
 ) -> TransformerDecoder:
     """Build the model a HF folder describes and load its weights.
 
@@ -97,6 +135,9 @@ def from_pretrained(
         device: where the model goes.
         tensors: the weights as ``(HF name, file, tensor)`` instead of the folder's files as
             they are (a quantized model's tensors, rebuilt from their parts).
+        num_labels: a ``score`` head of this many outputs (a reward or value model). On a
+            causal LM's folder the output projection is left out and the head starts fresh
+            (:func:`init_score_head`); the model saves as ``*ForSequenceClassification``.
 
     Raises:
         CheckpointError: no config or weights, an unsupported family, a corrupt file, a
@@ -113,11 +154,17 @@ def from_pretrained(
             else "attune reads only torchao-quantized folders; start from the full-precision one"
         )
         raise CheckpointError(f"{path} holds a quantized model (quant_method {method}); {how}")
+    if num_labels is not None:
+        hf_config = with_score_head(hf_config, num_labels)
     config = decoder_config(hf_config)
     config.source = str(path)
     with torch.device("meta"):
         model = TransformerDecoder(config)
     loaded = _read_weights(path, model, dtype, device, tensors=tensors)
+    if _fresh_score_head(model, path):
+        model.score.to_empty(device=device)
+        init_score_head(model)
+        model.score.to(dtype)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     for module in model.modules():  # RoPE tables were built on the meta device
@@ -148,6 +195,8 @@ def _read_weights(
     }
     if model.ties_embeddings:
         expected.pop("lm_head.weight")
+    if _fresh_score_head(model, path):
+        expected.pop("score.weight")
     loaded: dict[str, torch.Tensor] = {}
     if tensors is None:
         tensors = iter_safetensors(weight_files(path))
@@ -183,6 +232,29 @@ def _read_weights(
     return loaded
 
 
+def _fresh_score_head(model: TransformerDecoder, path: str | Path) -> bool:
+    """Whether ``model`` has a score head that the folder at ``path`` (a causal LM) lacks."""
+    return model.config.num_labels is not None and not is_sequence_classifier(read_hf_config(path))
+
+
+@torch.no_grad()
+def init_score_head(model: TransformerDecoder, seed: int = 0) -> None:
+    """A new score head: normal with the checkpoint's ``initializer_range`` as its std (0.02
+    when unset), as transformers starts one, drawn from ``seed`` so that every process of a
+    sharded run, and every run, starts from the same head."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    weight = model.score.weight
+    std = model.config.hf_config.get("initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(seed)
+    full = torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    if isinstance(weight, DTensor):
+        shard = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
+        weight.to_local().copy_(shard.to_local())
+    else:
+        weight.copy_(full)
+
+
 def load_weights(
     model: TransformerDecoder, path: str | Path, ignore: Callable[[str], bool] | None = None
 ) -> TransformerDecoder:
@@ -216,6 +288,8 @@ def load_weights(
                 target.to_local().copy_(shard.to_local())
             else:
                 target.copy_(tensor.to(device))
+    if _fresh_score_head(model, path):
+        init_score_head(model)
     return model
 
 

@@ -54,16 +54,10 @@ def train(cfg, run):
         held_out = rl.PreferenceObjective(loss_fn, reference, caches.get("validation"))
 
     def evaluate_pairs():
-        batches = training.eval_batches(
-            validation, cfg.batch_size, pad_id, run.world.rank, run.world.world_size
-        )
-        pairs, sums = training.evaluated_sums(
-            policy,
-            batches,
-            lambda batch: int(batch["pairs"]),
+        pairs, sums = training.held_out_pairs(
+            policy, validation, cfg.batch_size, pad_id, run,
             lambda batch: held_out(policy, batch, run.precision())[1],
-            run.device,
-        )
+        )  # fmt: skip
         return {f"val_{name}": value for name, value in rl.mean_statistics(pairs, sums).items()}
 
     def report_held_out(when):
@@ -107,11 +101,8 @@ def train(cfg, run):
 def reference_scorer(cfg, run, policy, lora):
     """Scores pairs under the reference: the policy with its adapters off (LoRA), or a frozen
     copy of the starting model, sharded like the policy."""
-    if lora is not None:
-        return rl.reference_scorer(policy, adapters_off=True, precision=run.precision)
-    reference = training.setup_model(cfg.model, run, cpu_offload=cfg.get("cpu_offload", False))
-    reference.requires_grad_(False)
-    return rl.reference_scorer(reference, adapters_off=False, precision=run.precision)
+    reference, adapters_off = training.reference_model(cfg, run, policy, lora)
+    return rl.reference_scorer(reference, adapters_off=adapters_off, precision=run.precision)
 
 
 def precomputed_references(cfg, run, policy, lora, datasets, pad_id):

@@ -78,6 +78,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("qat_distributed", "finetune.py", ("tiny/qat",)),
     Recipe("qat_lora_finetune_single_device", "finetune.py", ("tiny/qat_lora",)),
     Recipe("qat_lora_finetune_distributed", "finetune.py", ("tiny/qat_lora",)),
+    Recipe("reward_model_single_device", "reward_model.py", ("tiny/reward_model",)),
+    Recipe("reward_model_distributed", "reward_model.py", ("tiny/reward_model",)),
+    Recipe("ppo_full_finetune_single_device", "ppo.py", ("tiny/ppo", "tiny/ppo_reward_model")),
+    Recipe("ppo_lora_finetune_single_device", "ppo.py", ("tiny/ppo_lora",)),
     Recipe("quantize", "quantize.py", ("tiny/quantize",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
 )

@@ -46,6 +46,7 @@ from attune.training.setup import (
     TrainingSetup,
     model_to_use,
     prepare_model,
+    reference_model,
     setup_training,
     training_loop,
 )
@@ -58,6 +59,7 @@ from attune.training.step import (
     evaluate,
     evaluated_sums,
     held_out_loss,
+    held_out_pairs,
     optimizer_step,
 )
 
@@ -95,12 +97,14 @@ __all__ = [
     "evaluate",
     "evaluated_sums",
     "held_out_loss",
+    "held_out_pairs",
     "linear_with_warmup",
     "model_to_use",
     "optimizer_step",
     "peak_memory_gb",
     "prepare_model",
     "quantized_report",
+    "reference_model",
     "resolve_device",
     "resolve_dtype",
     "restore_checkpoint",

@@ -59,11 +59,15 @@ class TrainingLoop:
         epochs: the epochs of the whole run.
         log_every: write metrics every this many steps (and at the last step).
         metric_logger: an extra metrics destination (TensorBoard, W&B), or None.
+        companions: models trained beside ``model`` by the same optimizer (PPO's value
+            model), saved in each checkpoint as ``<name>/``.
 
     Attributes:
         step: the steps taken; inside the loop's body, the number of the step being taken.
         tokens_seen: input tokens (padding aside) of every step taken.
         last_saved: the latest checkpoint folder, or None.
+        recipe_state: the recipe's own state (plain values: a KL coefficient, say), saved in
+            each checkpoint and restored by :meth:`resume`.
     """
 
     def __init__(
@@ -81,8 +85,11 @@ class TrainingLoop:
         epochs: int,
         log_every: int = 1,
         metric_logger: MetricLogger | None = None,
+        companions: Mapping[str, torch.nn.Module] | None = None,
     ):
         self.run = run
+        self.companions = dict(companions or {})
+        self.recipe_state: dict[str, Any] = {}
         self.model = model
         self.params = params
         self.optimizer = optimizer
@@ -110,7 +117,10 @@ class TrainingLoop:
     def resume(self, folder: Path) -> dict[str, Any]:
         """Continue from a checkpoint: optimizer (and adapters), schedule, data position, RNG
         states, step and token count. Returns the checkpoint's loop state."""
-        state = restore_checkpoint(self.checkpointer, folder, self.model, self.optimizer, self.lora)
+        state = restore_checkpoint(
+            self.checkpointer, folder, self.model, self.optimizer, self.lora, self.companions
+        )
+        self.recipe_state = dict(state.get("recipe", {}))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         self.stream.load_state_dict(state["data"])
@@ -127,6 +137,7 @@ class TrainingLoop:
             "tokens_seen": self.tokens_seen,
             "data": self.stream.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "recipe": self.recipe_state,
         }
         folder = save_checkpoint(
             self.checkpointer,
@@ -136,6 +147,7 @@ class TrainingLoop:
             self.optimizer,
             self.lora,
             loop_state,
+            self.companions,
         )
         self.last_saved = str(folder)
         return self.last_saved
@@ -154,6 +166,8 @@ class TrainingLoop:
         )
         self._window_start = self._loop_start = time.perf_counter()
         self.model.train()
+        for companion in self.companions.values():
+            companion.train()
         with self.stop:
             while self.step < self.total_steps and self.stream.epoch < self.epochs:
                 for micro_batches in self.stream:

@@ -172,12 +172,28 @@ def weights_writer(
     return write
 
 
-def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lora: bool):
+def _owner(
+    model: torch.nn.Module, companions: Mapping[str, torch.nn.Module] | None
+) -> torch.nn.Module:
+    """The module whose parameters the optimizer holds: the model, or the model and the
+    modules trained beside it (PPO's value model), under one root with stable names."""
+    if not companions:
+        return model
+    return torch.nn.ModuleDict({"model": model, **companions})
+
+
+def _sharded_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lora: bool,
+    companions: Mapping[str, torch.nn.Module] | None = None,
+):
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
+    model = _owner(model, companions)
     sharded: dict[str, Any] = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     if lora:
         model_state = get_model_state_dict(model)
@@ -193,14 +209,33 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lora: LoraSettings | None,
     state: dict[str, Any],
+    companions: Mapping[str, TransformerDecoder] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_<step>``: the weights (gathered from every process), the
     optimizer (and adapters) sharded with torch.distributed.checkpoint, and ``state`` (the
-    loop's own: step, data position, schedule...) with the RNG states. A collective."""
+    loop's own: step, data position, schedule...) with the RNG states. Each of
+    ``companions`` (models trained beside the main one, such as PPO's value model) is written
+    whole as a HF folder ``<name>/`` inside it. A collective."""
     full = full_state_dict(model, run.world)
     plain = {**state, "rng": rng_state()}
-    sharded = _sharded_state(model, optimizer, lora is not None)
-    writer = weights_writer(model, checkpointer, full, lora)
+    sharded = _sharded_state(model, optimizer, lora is not None, companions)
+    write_model = weights_writer(model, checkpointer, full, lora)
+    extra = {
+        name: (module, full_state_dict(module, run.world))
+        for name, module in (companions or {}).items()
+    }
+
+    def writer(folder: Path) -> None:
+        write_model(folder)
+        for name, (module, module_state) in extra.items():
+            save_pretrained(
+                module,
+                folder / name,
+                source=module.config.source,
+                max_shard_size=checkpointer.max_shard_size,
+                state=module_state,
+            )
+
     return checkpointer.save(step, writer, plain, sharded=sharded, world=run.world)
 
 
@@ -210,19 +245,24 @@ def restore_checkpoint(
     model: TransformerDecoder,
     optimizer: torch.optim.Optimizer,
     lora: LoraSettings | None,
+    companions: Mapping[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint's optimizer (and adapters) into this run's layout, which may have
-    another number of processes, restore the RNG states, and return the loop's state."""
+    another number of processes, restore the RNG states, and return the loop's state. The
+    companions' weights are not loaded here: they are built from their folders
+    (``step_<N>/<name>``) as the main model is from the checkpoint."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    sharded = checkpointer.load_sharded(folder, _sharded_state(model, optimizer, lora is not None))
+    owner = _owner(model, companions)
+    template = _sharded_state(model, optimizer, lora is not None, companions)
+    sharded = checkpointer.load_sharded(folder, template)
     if lora is not None:
-        set_model_state_dict(model, sharded["adapter"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+        set_model_state_dict(owner, sharded["adapter"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(owner, optimizer, sharded["optimizer"])
     state = checkpointer.load_state(folder)
     set_rng_state(state["rng"])
     return state

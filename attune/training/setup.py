@@ -8,6 +8,7 @@ A recipe's schema is :data:`TRAINING_KEYS` plus its own keys::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -140,15 +141,24 @@ def training_loop(
     stream: BatchStream,
     checkpointer: Checkpointer,
     lora: LoraSettings | None,
+    companions: Mapping[str, torch.nn.Module] | None = None,
+    updates_per_step: int = 1,
 ) -> TrainingLoop:
-    """The optimizer over ``model``'s trainable parameters, its schedule, and the loop over
-    ``stream`` for the config's epochs and steps."""
+    """The optimizer over ``model``'s trainable parameters (and its ``companions'``), its
+    schedule, and the loop over ``stream`` for the config's epochs and steps.
+
+    Args:
+        updates_per_step: optimizer steps the recipe takes per step of the loop (PPO's
+            epochs times minibatches); the schedule counts optimizer steps.
+    """
     epochs = cfg.get("epochs", 1)
     steps = total_steps(stream, epochs, cfg.get("max_steps"))
     params = list(trainable_parameters(model))
+    for companion in (companions or {}).values():
+        params += list(trainable_parameters(companion))
     optimizer = build_optimizer(cfg.optimizer, params)
     scheduler = config.instantiate(
-        cfg.get("lr_scheduler"), optimizer=optimizer, num_training_steps=steps
+        cfg.get("lr_scheduler"), optimizer=optimizer, num_training_steps=steps * updates_per_step
     )
     return TrainingLoop(
         run,
@@ -163,4 +173,19 @@ def training_loop(
         epochs=epochs,
         log_every=cfg.get("log_every_n_steps", 1),
         metric_logger=config.instantiate(cfg.get("metric_logger")),
+        companions=companions,
     )
+
+
+def reference_model(
+    cfg: Any, run: Run, policy: torch.nn.Module, lora: LoraSettings | None
+) -> tuple[torch.nn.Module, bool]:
+    """The frozen reference of preference and RL training: for a LoRA run the policy itself,
+    to run with its adapters off (no second copy of the weights); otherwise a frozen copy of
+    the starting ``model`` (sharded like the policy). Returns the model and whether its
+    adapters are to be switched off."""
+    if lora is not None:
+        return policy, True
+    reference = setup_model(cfg.model, run, cpu_offload=cfg.get("cpu_offload", False))
+    reference.requires_grad_(False)
+    return reference, False

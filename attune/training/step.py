@@ -256,6 +256,20 @@ def evaluate(
     return sums.get("loss", 0.0) / max(tokens, 1)
 
 
+def held_out_pairs(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    batch_size: int,
+    pad_id: int,
+    run: Run,
+    summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> tuple[int, dict[str, float]]:
+    """A validation pass over preference pairs (each rank scores its share): the number of
+    pairs and each statistic ``summed_of`` gives, summed over all of them."""
+    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
+    return evaluated_sums(model, batches, lambda batch: int(batch["pairs"]), summed_of, run.device)
+
+
 def held_out_loss(
     model: torch.nn.Module,
     dataset: TokenizedDataset,

@@ -1,0 +1,255 @@
+"""RL from feedback with Proximal Policy Optimization, as in InstructGPT: the policy answers
+prompts, a reward source scores the answers, and PPO improves the policy against a value model
+while a per-token KL penalty keeps it near the frozen reference.
+
+Registered as ``ppo_full_finetune_single_device`` and ``ppo_lora_finetune_single_device``: a
+``lora`` section puts adapters on the policy (its reference is then the policy with them off);
+the value model trains in full. The ``reward`` component is a reward-model checkpoint
+(``attune.rl.ModelReward``) or a Python function (``attune.rl.FunctionReward``). One step of the
+loop is one rollout batch: generate (KV cache, no gradients), score, compute advantages, then
+``ppo.epochs`` passes of ``batch_size / ppo.minibatch_size`` optimizer steps over it.
+
+    tune run ppo_full_finetune_single_device --config tiny/ppo
+    tune run ppo_full_finetune_single_device --config tiny/ppo_reward_model
+"""
+
+import contextlib
+import functools
+
+import torch
+
+from attune import config, peft, rl, training
+from attune.errors import ConfigError
+
+SCHEMA = {
+    **training.TRAINING_KEYS,
+    "value_model": config.Component(provided=("dtype", "device")),
+    "reward": config.Component(),
+    "ppo": config.Component(required=False),
+    "max_new_tokens": int,
+    "temperature": config.Field(float, required=False),
+    "top_k": config.Field(int | None, required=False),
+    "top_p": config.Field(float | None, required=False),
+    "offload_frozen_models": config.Field(bool, required=False),
+}
+
+
+@config.parse(SCHEMA)
+def recipe_main(cfg):
+    with training.start_run(cfg) as run:
+        train(cfg, run)
+
+
+def train(cfg, run):
+    # Settings first (a bad one ends the run before any work), then the policy (with its
+    # adapters), the value model, the frozen reference and the reward source
+    settings = config.instantiate(cfg.get("ppo")) or rl.PPOSettings()
+    minibatches = settings.minibatches(cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
+    if run.world.distributed:
+        raise ConfigError(
+            "the PPO recipes run on one process (rollouts are not yet generated in step across "
+            "processes); launch without --nproc_per_node"
+        )
+    reward = config.instantiate(cfg.reward)
+    tokenizer, lora, checkpointer, resumed_from, policy = training.setup_training(cfg, run)
+    value = training.setup_model(
+        cfg.value_model, run, weights=resumed_from / "value" if resumed_from else None
+    )
+    if value.config.num_labels != 1:
+        raise ConfigError(
+            "the value model has one output: give value_model num_labels: 1 (or a reward "
+            "model's checkpoint)"
+        )
+    reference, adapters_off = training.reference_model(cfg, run, policy, lora)
+    offload = cfg.get("offload_frozen_models", False)
+    frozen = FrozenModels(reference if not adapters_off else None, reward, run, offload)
+
+    # Prompts, and the loop (one optimizer over the policy and the value model)
+    pad_id = tokenizer.padding_id
+    dataset = config.instantiate(cfg.dataset, tokenizer=tokenizer)
+    run.print(f"{len(dataset)} prompts; {dataset.stats.summary(dataset.max_seq_len)}")
+    stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
+    loop = training.training_loop(
+        cfg,
+        run,
+        policy,
+        stream,
+        checkpointer,
+        lora,
+        companions={"value": value},
+        updates_per_step=settings.epochs * minibatches,
+    )
+    kl_control = rl.KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+    if resumed_from is not None:
+        loop.resume(resumed_from)
+        kl_control.load_state_dict(loop.recipe_state)
+    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
+    if resumed_from is None:
+        answers.record(policy, "before")
+    seed = cfg.get("seed", 0)
+
+    # The loop: one rollout batch per item
+    for micro_batches in loop:
+        # 1. Rollouts: each step's sampling seeded by the step, so a resumed run samples alike
+        prompts = [prompt for batch in micro_batches for prompt in batch["prompts"]]
+        texts = [text for batch in micro_batches for text in batch["texts"]]
+        columns = [row for batch in micro_batches for row in batch["columns"]]
+        generator = torch.Generator(run.device).manual_seed(seed * 1_000_003 + loop.step)
+        rollout = rl.generate_rollout(
+            policy,
+            prompts,
+            cfg.max_new_tokens,
+            temperature=cfg.get("temperature", 1.0),
+            top_k=cfg.get("top_k"),
+            top_p=cfg.get("top_p"),
+            stop_tokens=tokenizer.stop_token_ids,
+            pad_id=pad_id,
+            generator=generator,
+        )
+        mask = rollout.response_mask
+
+        # 2. Scores, per-token rewards, advantages (no gradients)
+        with torch.no_grad():
+            old_logprobs, entropy = rl.response_logprobs(
+                policy, rollout, run.precision, with_entropy=True
+            )
+            with frozen.reference(policy) as model:
+                adapters = (
+                    peft.disabled_adapters(model) if adapters_off else contextlib.nullcontext()
+                )
+                with adapters:
+                    ref_logprobs, _ = rl.response_logprobs(model, rollout, run.precision)
+            old_values = rl.response_values(value, rollout, run.precision)
+            completions = tokenizer.decode_batch(
+                rollout.responses.tolist(), skip_special_tokens=True
+            )
+            with frozen.reward() as score:
+                scores = score(rollout, texts, completions, columns, run.precision)
+            if settings.no_stop_penalty is not None:
+                scores = scores - settings.no_stop_penalty * (~rollout.stopped).float()
+            kl = rl.kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
+            rewards = rl.token_rewards(scores, kl, mask, kl_control.value)
+            advantages, returns = rl.gae(rewards, old_values, mask, settings.gamma, settings.lam)
+            if settings.whiten_advantages:
+                advantages = rl.whiten(advantages, mask)
+        experience = {
+            "tokens": rollout.tokens,
+            "padding_mask": rollout.padding_mask,
+            "response_mask": mask,
+            "old_logprobs": old_logprobs,
+            "old_values": old_values,
+            "advantages": advantages,
+            "returns": returns,
+        }
+
+        # 3. PPO epochs over minibatches: one optimizer step each, token-exact
+        loss_of = functools.partial(
+            ppo_loss, policy=policy, value=value, settings=settings,
+            prompt_len=rollout.prompt_len, precision=run.precision,
+        )  # fmt: skip
+        order_source = torch.Generator().manual_seed(seed * 1_000_003 + loop.step)
+        updates, update_sums, grad_norm = 0, {}, None
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(prompts), generator=order_source)
+            for rows in order.chunk(minibatches):
+                minibatch = {
+                    name: tensor[rows.to(tensor.device)] for name, tensor in experience.items()
+                }
+                tokens, _, sums = training.accumulated_backward(
+                    policy,
+                    [minibatch],
+                    lambda batch: int(batch["response_mask"].sum()),
+                    loss_of,
+                    run.device,
+                )
+                grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
+                updates += tokens
+                for name, total in sums.items():
+                    update_sums[name] = update_sums.get(name, 0.0) + total
+        update_means = {name: total / max(updates, 1) for name, total in update_sums.items()}
+        training.check_finite(update_means["loss"], loop.step, loop.last_saved)
+
+        # 4. The KL coefficient for the next batch, and the step's metrics
+        per_response_kl = float(kl.sum(-1).mean())
+        kl_control.update(per_response_kl, len(prompts))
+        loop.recipe_state = kl_control.state_dict()
+        loop.count(int(rollout.padding_mask.sum()))
+        response_tokens = mask.float().sum()
+        loop.log(
+            {
+                **update_means,
+                "reward": float(scores.mean()),
+                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "kl": per_response_kl,
+                "kl_coef": kl_control.value,
+                "entropy": float((entropy * mask).sum() / response_tokens.clamp(min=1)),
+                "response_length": float(response_tokens / len(prompts)),
+                "stop_fraction": float(rollout.stopped.float().mean()),
+                "grad_norm": grad_norm,
+            }
+        )
+    loop.finish()
+    answers.record(policy, "after")
+
+
+def ppo_loss(batch, *, policy, value, settings, prompt_len, precision):
+    """A minibatch of experience -> PPO's summed loss (clipped policy loss plus the weighted
+    clipped value loss, over its response tokens) and its summed statistics."""
+    sample = rl.Rollout(
+        batch["tokens"], batch["padding_mask"], prompt_len, batch["response_mask"],
+        batch["response_mask"].any(-1),
+    )  # fmt: skip
+    tokens = batch["response_mask"]
+    logprobs, _ = rl.response_logprobs(policy, sample, precision)
+    policy_loss, policy_stats = rl.clipped_policy_loss(
+        logprobs, batch["old_logprobs"], batch["advantages"], tokens, settings.clip_ratio
+    )
+    values = rl.response_values(value, sample, precision)
+    value_loss, value_stats = rl.clipped_value_loss(
+        values, batch["old_values"], batch["returns"], tokens, settings.value_clip
+    )
+    loss = policy_loss + settings.value_coef * value_loss
+    stats = {"loss": loss.detach(), "policy_loss": policy_loss.detach(),
+             "value_loss": value_loss.detach(), **policy_stats, **value_stats}  # fmt: skip
+    return loss, stats
+
+
+class FrozenModels:
+    """The models PPO only reads (a reference copy, a reward model), kept on the CPU between
+    uses when ``offload`` is set, so the update phase has the device to itself."""
+
+    def __init__(self, reference, reward, run, offload: bool):
+        self.reference_copy = reference
+        self.reward_source = reward
+        self.device = run.device
+        self.offload = offload
+        home = torch.device("cpu") if offload else run.device
+        reward.prepare(home, run.dtype)
+        if reference is not None and offload:
+            reference.to(home)
+
+    @contextlib.contextmanager
+    def _on_device(self, module):
+        if module is not None and self.offload:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            if module is not None and self.offload:
+                module.to("cpu")
+
+    @contextlib.contextmanager
+    def reference(self, policy):
+        """The reference model on the device: the copy, or the policy (adapters off)."""
+        with self._on_device(self.reference_copy):
+            yield self.reference_copy if self.reference_copy is not None else policy
+
+    @contextlib.contextmanager
+    def reward(self):
+        """The reward source, its model on the device."""
+        with self._on_device(getattr(self.reward_source, "model", None)):
+            yield self.reward_source
+
+
+if __name__ == "__main__":
+    recipe_main()

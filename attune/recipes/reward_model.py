@@ -1,0 +1,95 @@
+"""Reward-model training: a decoder with a scalar ``score`` head learns, from preference pairs,
+to score the chosen reply above the rejected one (Bradley–Terry), one device or many.
+
+Registered as ``reward_model_single_device`` and ``reward_model_distributed``. The ``model``
+component is built with ``num_labels: 1``: from a causal LM's checkpoint the output projection
+is left out and a fresh score head added; the run saves HF ``*ForSequenceClassification``
+folders that transformers' ``AutoModelForSequenceClassification`` loads, and that PPO reads as
+its reward (``attune.rl.ModelReward``) or starts its value model from. The reward is read at
+each reply's end-of-turn token (see :mod:`attune.rl.reward_model`).
+
+    tune run reward_model_single_device --config tiny/reward_model
+"""
+
+from attune import config, rl, training
+from attune.errors import ConfigError
+
+SCHEMA = {
+    **training.TRAINING_KEYS,
+    "eval_every_n_steps": config.Field(int | None, required=False),
+    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
+    "loss": config.Component(required=False),
+}
+
+
+@config.parse(SCHEMA)
+def recipe_main(cfg):
+    with training.start_run(cfg) as run:
+        train(cfg, run)
+
+
+def train(cfg, run):
+    # The objective (a bad setting ends the run before any work), then the scoring model
+    objective = rl.RewardObjective(config.instantiate(cfg.get("loss")) or rl.BradleyTerryLoss())
+    if cfg.get("lora") is not None:
+        raise ConfigError(
+            "reward models train in full here (their new score head has no LoRA form peft "
+            "reads back); remove the lora section"
+        )
+    tokenizer, _, checkpointer, resumed_from, model = training.setup_training(cfg, run)
+    if model.config.num_labels != 1:
+        raise ConfigError(
+            "a reward model has one output: give the model component num_labels: 1 (for "
+            "attune.models.from_pretrained or attune.demo.tiny_model)"
+        )
+
+    # Preference pairs (and held-out ones)
+    pad_id = tokenizer.padding_id
+    dataset = config.instantiate(cfg.dataset, tokenizer=tokenizer)
+    validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
+    run.print(f"{len(dataset)} preference pairs; {dataset.stats.summary(dataset.max_seq_len)}")
+
+    def evaluate_pairs():
+        pairs, sums = training.held_out_pairs(
+            model, validation, cfg.batch_size, pad_id, run,
+            lambda batch: objective(model, batch, run.precision())[1],
+        )  # fmt: skip
+        return {f"val_{name}": value / max(pairs, 1) for name, value in sums.items()}
+
+    def report_held_out(when):
+        if validation is not None:
+            share = evaluate_pairs()["val_accuracy"]
+            run.print(f"{when} training: the chosen reply scores higher in {share:.0%} of "
+                      f"{len(validation)} held-out pairs")  # fmt: skip
+
+    # The loop (optimizer, schedule, checkpoints, metrics)
+    stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
+    loop = training.training_loop(cfg, run, model, stream, checkpointer, None)
+    if resumed_from is not None:
+        loop.resume(resumed_from)
+    else:
+        report_held_out("before")
+    eval_every = cfg.get("eval_every_n_steps")
+
+    # The loop: one optimizer step per item; the loss is the mean over the step's pairs
+    for micro_batches in loop:
+        pairs, input_tokens, sums = training.accumulated_backward(
+            model,
+            micro_batches,
+            lambda batch: int(batch["pairs"]),
+            lambda batch: objective(model, batch, run.precision()),
+            run.device,
+        )
+        means = {name: value / max(pairs, 1) for name, value in sums.items()}
+        training.check_finite(means["loss"], loop.step, loop.last_saved)
+        grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
+        loop.count(input_tokens)
+        loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
+        if validation is not None and eval_every and loop.step % eval_every == 0:
+            loop.log_now(evaluate_pairs())
+    loop.finish()
+    report_held_out("after")
+
+
+if __name__ == "__main__":
+    recipe_main()

@@ -1,0 +1,213 @@
+"""Rollouts: a batch of prompts continued by the policy with the KV cache, laid out for scoring.
+
+A :class:`Rollout` holds each prompt padded on the left and its response padded on the right,
+``[batch, prompt_len + response_len]``, so that every response starts in the same column and
+the positions that predict response tokens are one slice, ``prompt_len - 1 : -1``. Positions
+count each row's own tokens only, so a row scores as it would alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from attune.models import generate
+from attune.rl.logprobs import token_logprobs
+
+
+@dataclass
+class Rollout:
+    """Prompts and the responses generated for them.
+
+    Attributes:
+        tokens: ``[batch, prompt_len + response_len]`` prompts (left-padded) then responses
+            (right-padded after their stop token).
+        padding_mask: ``[batch, prompt_len + response_len]`` True for real tokens.
+        prompt_len: the width of the prompt part.
+        response_mask: ``[batch, response_len]`` True for response tokens, up to and including
+            the stop token.
+        stopped: ``[batch]`` whether each response ended with a stop token.
+    """
+
+    tokens: torch.Tensor
+    padding_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    stopped: torch.Tensor
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[batch, length]`` each token's position within its own row (0 at its first)."""
+        return (self.padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """``[batch, response_len]`` the response tokens (padding after each one's end)."""
+        return self.tokens[:, self.prompt_len :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """``[batch]`` tokens in each response, its stop token included."""
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout of some rows (a minibatch)."""
+        return Rollout(
+            self.tokens[rows],
+            self.padding_mask[rows],
+            self.prompt_len,
+            self.response_mask[rows],
+            self.stopped[rows],
+        )
+
+    @classmethod
+    def from_tokens(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        stop_tokens: Sequence[int],
+        pad_id: int,
+        device: torch.device | str = "cpu",
+    ) -> Rollout:
+        """Lay out prompts and their responses (each ending at its stop token, if any)."""
+        prompt_len = max(len(prompt) for prompt in prompts)
+        response_len = max(1, max(len(response) for response in responses))
+        batch = len(prompts)
+        tokens = torch.full((batch, prompt_len + response_len), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            start = prompt_len - len(prompt)
+            tokens[row, start:prompt_len] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, start:prompt_len] = True
+            end = prompt_len + len(response)
+            tokens[row, prompt_len:end] = torch.as_tensor(list(response), dtype=torch.long)
+            mask[row, prompt_len:end] = True
+        stops = set(stop_tokens)
+        stopped = torch.tensor([bool(r) and r[-1] in stops for r in responses], dtype=torch.bool)
+        return cls(
+            tokens.to(device),
+            mask.to(device),
+            prompt_len,
+            mask[:, prompt_len:].to(device),
+            stopped.to(device),
+        )
+
+
+@torch.no_grad()
+def generate_rollout(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Continue every prompt with ``model`` (in eval mode, no gradients, one KV cache that is
+    freed on return). Sampling arguments as :func:`attune.models.generate`."""
+    was_training = model.training
+    model.eval()
+    try:
+        responses = generate(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            pad_id=pad_id,
+            generator=generator,
+        )
+    finally:
+        model.train(was_training)
+    device = model.embed_tokens.weight.device
+    return Rollout.from_tokens(prompts, responses, stop_tokens, pad_id, device)
+
+
+def response_hidden(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """``[batch, response_len, hidden]``: the final hidden states at the positions that
+    predict each response token (a policy's next-token distribution, a value model's value of
+    the state before the token)."""
+    with precision if precision is not None else contextlib.nullcontext():
+        hidden = model(
+            rollout.tokens,
+            positions=rollout.positions,
+            padding_mask=rollout.padding_mask,
+            return_hidden=True,
+        )
+    return hidden[:, rollout.prompt_len - 1 : -1]
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each response token's log-probability under ``model``, ``[batch, response_len]`` fp32
+    (0 past a response's end), projected to the vocabulary only where there are response
+    tokens; with ``with_entropy`` also the next-token distribution's entropy there (no
+    gradient), else None."""
+    hidden = response_hidden(model, rollout, precision() if precision is not None else None)
+    mask = rollout.response_mask
+    selected = hidden[mask]
+    logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    logprobs = logprobs.masked_scatter(
+        mask, token_logprobs(selected, rollout.responses[mask], model.output, chunk_size)
+    )
+    if not with_entropy:
+        return logprobs, None
+    entropy = torch.zeros_like(logprobs)
+    with torch.no_grad():
+        pieces = []
+        for start in range(0, selected.shape[0], chunk_size):
+            logits = model.output(selected[start : start + chunk_size]).float()
+            log_p = logits.log_softmax(-1)
+            pieces.append(-(log_p.exp() * log_p).sum(-1))
+        if pieces:
+            entropy = entropy.masked_scatter(mask, torch.cat(pieces))
+    return logprobs, entropy
+
+
+def response_values(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """A value model's estimate of each response state, ``[batch, response_len]`` fp32
+    (0 past a response's end): the score head read where each response token is predicted."""
+    hidden = response_hidden(model, rollout, precision() if precision is not None else None)
+    values = model.output(hidden).squeeze(-1).float()
+    return values.masked_fill(~rollout.response_mask, 0.0)
+
+
+def sequence_end_scores(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """A reward model's score of each whole sequence, ``[batch]`` fp32: its score head read at
+    the response's last token (the stop token, when it stopped), where attune's reward models
+    are trained to read it."""
+    with precision() if precision is not None else contextlib.nullcontext():
+        hidden = model(
+            rollout.tokens,
+            positions=rollout.positions,
+            padding_mask=rollout.padding_mask,
+            return_hidden=True,
+        )
+    rows = torch.arange(rollout.tokens.shape[0], device=hidden.device)
+    last = rollout.prompt_len + rollout.response_lengths.clamp(min=1) - 1
+    return model.output(hidden[rows, last]).squeeze(-1).float()
