@@ -80,6 +80,7 @@ def train(cfg, run):
         updates_per_step=settings.epochs * minibatches,
     )
     kl_control = rl.KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
+    kl_limit = rl.KLLimit(settings.kl_limit)
     if resumed_from is not None:
         loop.resume(resumed_from)
         kl_control.load_state_dict(loop.recipe_state)
@@ -110,15 +111,19 @@ def train(cfg, run):
 
         # 2. Scores, per-token rewards, advantages (no gradients)
         with torch.no_grad():
+            hidden = rl.response_hidden(policy, rollout, run.precision())
             old_logprobs, entropy = rl.response_logprobs(
-                policy, rollout, run.precision, with_entropy=True
+                policy, rollout, with_entropy=True, hidden=hidden
             )
             with frozen.reference(policy) as model:
                 adapters = (
                     peft.disabled_adapters(model) if adapters_off else contextlib.nullcontext()
                 )
                 with adapters:
-                    ref_logprobs, _ = rl.response_logprobs(model, rollout, run.precision)
+                    ref_hidden = rl.response_hidden(model, rollout, run.precision())
+                    ref_logprobs, _ = rl.response_logprobs(model, rollout, hidden=ref_hidden)
+                head = reference_head(model, adapters_off)
+                kl_vocab = rl.response_kl(hidden, ref_hidden, rollout, policy.output, head)
             old_values = rl.response_values(value, rollout, run.precision)
             completions = tokenizer.decode_batch(
                 rollout.responses.tolist(), skip_special_tokens=True
@@ -137,21 +142,24 @@ def train(cfg, run):
             "padding_mask": rollout.padding_mask,
             "response_mask": mask,
             "old_logprobs": old_logprobs,
+            "ref_hidden": ref_hidden,
             "old_values": old_values,
             "advantages": advantages,
             "returns": returns,
         }
 
-        # 3. PPO epochs over minibatches: one optimizer step each, token-exact
-        loss_of = functools.partial(
-            ppo_loss, policy=policy, value=value, settings=settings,
-            prompt_len=rollout.prompt_len, precision=run.precision,
-        )  # fmt: skip
+        # 3. PPO epochs over minibatches: one optimizer step each, token-exact (with a KL
+        # limit the reference's head stays on the device: updates past it move back)
         order_source = torch.Generator().manual_seed(seed * 1_000_003 + loop.step)
         updates, update_sums, grad_norm = 0, {}, None
-        for _ in range(settings.epochs):
-            order = torch.randperm(len(prompts), generator=order_source)
-            for rows in order.chunk(minibatches):
+        limited = frozen.reference(policy) if kl_limit.limit else contextlib.nullcontext(policy)
+        with limited as model:
+            loss_of = functools.partial(
+                ppo_loss, policy=policy, value=value, settings=settings, kl_limit=kl_limit,
+                reference_output=reference_head(model, adapters_off),
+                prompt_len=rollout.prompt_len, precision=run.precision,
+            )  # fmt: skip
+            for rows in rl.minibatch_rows(len(prompts), settings.epochs, minibatches, order_source):
                 minibatch = {
                     name: tensor[rows.to(tensor.device)] for name, tensor in experience.items()
                 }
@@ -181,6 +189,7 @@ def train(cfg, run):
                 "reward": float(scores.mean()),
                 "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                 "kl": per_response_kl,
+                "kl_vocab": float(kl_vocab.sum(-1).mean()),
                 "kl_coef": kl_control.value,
                 "entropy": float((entropy * mask).sum() / response_tokens.clamp(min=1)),
                 "response_length": float(response_tokens / len(prompts)),
@@ -192,26 +201,47 @@ def train(cfg, run):
     answers.record(policy, "after")
 
 
-def ppo_loss(batch, *, policy, value, settings, prompt_len, precision):
+def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prompt_len, precision):
     """A minibatch of experience -> PPO's summed loss (clipped policy loss plus the weighted
-    clipped value loss, over its response tokens) and its summed statistics."""
+    clipped value loss, over its response tokens) and its summed statistics. Past the KL
+    limit, the policy's loss is its KL to the reference instead (:class:`attune.rl.KLLimit`)."""
     sample = rl.Rollout(
         batch["tokens"], batch["padding_mask"], prompt_len, batch["response_mask"],
         batch["response_mask"].any(-1),
     )  # fmt: skip
     tokens = batch["response_mask"]
-    logprobs, _ = rl.response_logprobs(policy, sample, precision)
+    hidden = rl.response_hidden(policy, sample, precision())
+    logprobs, _ = rl.response_logprobs(policy, sample, hidden=hidden)
     policy_loss, policy_stats = rl.clipped_policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], tokens, settings.clip_ratio
     )
+    restoring = False
+    if kl_limit.limit is not None:
+        kl = rl.response_kl(hidden, batch["ref_hidden"], sample, policy.output, reference_output)
+        restoring = kl_limit.restores(float(kl.detach().sum()) / len(kl))
+        if restoring:
+            policy_loss = kl.sum()
     values = rl.response_values(value, sample, precision)
     value_loss, value_stats = rl.clipped_value_loss(
         values, batch["old_values"], batch["returns"], tokens, settings.value_clip
     )
     loss = policy_loss + settings.value_coef * value_loss
     stats = {"loss": loss.detach(), "policy_loss": policy_loss.detach(),
-             "value_loss": value_loss.detach(), **policy_stats, **value_stats}  # fmt: skip
+             "value_loss": value_loss.detach(), **policy_stats, **value_stats,
+             "kl_restoring": tokens.sum() * float(restoring)}  # fmt: skip
     return loss, stats
+
+
+def reference_head(reference, adapters_off: bool):
+    """The reference's output head: a LoRA policy's own, run with its adapters off."""
+    if not adapters_off:
+        return reference.output
+
+    def base_output(hidden):
+        with peft.disabled_adapters(reference.lm_head):
+            return reference.output(hidden)
+
+    return base_output
 
 
 class FrozenModels:

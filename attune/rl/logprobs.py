@@ -19,6 +19,27 @@ from torch.utils.checkpoint import checkpoint
 from attune.data.collate import IGNORE_INDEX
 
 
+def _by_chunks(
+    function: Callable[..., torch.Tensor],
+    rows: tuple[torch.Tensor, ...],
+    constants: tuple,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``function(*row_chunks, *constants)`` over ``chunk_size`` rows at a time, concatenated;
+    under autograd each chunk's intermediates (its logits) are recomputed in the backward
+    pass instead of kept."""
+    pieces = []
+    for start in range(0, rows[0].shape[0], chunk_size):
+        chunk = (*(tensor[start : start + chunk_size] for tensor in rows), *constants)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(function, *chunk, use_reentrant=False))
+        else:
+            pieces.append(function(*chunk))
+    if not pieces:
+        return rows[0].new_zeros((0,), dtype=torch.float32)
+    return torch.cat(pieces)
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
@@ -43,16 +64,42 @@ def token_logprobs(
     Returns:
         ``[n]`` fp32 log-probabilities.
     """
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        chunk = (hidden[start : start + chunk_size], targets[start : start + chunk_size], output)
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(*chunk))
-    if not pieces:
-        return hidden.new_zeros((0,), dtype=torch.float32)
-    return torch.cat(pieces)
+    return _by_chunks(_chunk_logprobs, (hidden, targets), (output,), chunk_size)
+
+
+def _chunk_kl(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    log_p = output(hidden).float().log_softmax(-1)
+    with torch.no_grad():
+        log_q = reference_output(reference_hidden).float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def token_kl(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``KL(p || q)`` of two models' next-token distributions, summed over the whole
+    vocabulary, at selected positions; differentiable in ``hidden`` (``q`` is a frozen
+    reference).
+
+    Args:
+        hidden: ``[n, hidden]`` the model's final hidden states at the positions.
+        reference_hidden: ``[n, reference_hidden]`` the reference's, at the same positions.
+        output, reference_output: their output heads (``[n, hidden]`` -> ``[n, vocab]``).
+        chunk_size: positions projected at once.
+
+    Returns:
+        ``[n]`` fp32 divergences.
+    """
+    return _by_chunks(_chunk_kl, (hidden, reference_hidden), (output, reference_output), chunk_size)
 
 
 def sequence_logprobs(

@@ -12,6 +12,7 @@ micro-batches and ranks (token-exact accumulation, as the other recipes).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,8 @@ class PPOSettings:
         kl_target: adapt ``kl_coef`` so each response's KL to the reference stays near this
             (Ziegler et al., 2019); None keeps ``kl_coef`` fixed.
         kl_horizon: the adaptive controller's horizon, in rollouts.
+        kl_limit: a bound on each response's KL to the reference (see :class:`KLLimit`); None
+            for no bound.
         no_stop_penalty: subtracted from the score of a response that never produced a stop
             token (None: no penalty).
     """
@@ -58,6 +61,7 @@ class PPOSettings:
     kl_estimator: KLEstimator = "k1"
     kl_target: float | None = None
     kl_horizon: int = 10000
+    kl_limit: float | None = None
     no_stop_penalty: float | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +78,7 @@ class PPOSettings:
             ("kl_estimator", self.kl_estimator in ("k1", "k3"), "k1 or k3"),
             ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null"),
             ("kl_horizon", self.kl_horizon >= 1, "a positive integer"),
+            ("kl_limit", self.kl_limit is None or self.kl_limit > 0, "> 0 or null"),
         )  # fmt: skip
         for name, ok, wanted in checks:
             if not ok:
@@ -87,6 +92,15 @@ class PPOSettings:
                 f"ppo.minibatch_size={size} does not divide batch_size={batch_size}; pick a divisor"
             )
         return batch_size // size
+
+
+def minibatch_rows(
+    batch_size: int, epochs: int, minibatches: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The rows of each PPO minibatch of a rollout batch: ``epochs`` fresh permutations of the
+    ``batch_size`` rows, each cut into ``minibatches`` equal parts."""
+    for _ in range(epochs):
+        yield from torch.randperm(batch_size, generator=generator).chunk(minibatches)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -247,3 +261,25 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = state["kl_coef"]
+
+
+@dataclass
+class KLLimit:
+    """A bound on the policy's KL to the reference per response, kept by the policy's updates
+    themselves (an adaptive coefficient acts through the reward, rollouts late, and
+    overshoots): an update whose minibatch finds the policy past the limit, as it is before
+    the update, spends itself moving back; its policy loss is that KL instead of PPO's
+    surrogate (the value model trains as usual). The KL is the exact one over the vocabulary
+    at the minibatch's response positions (:func:`attune.rl.response_kl`), whose gradient
+    moves every token's probability, not only the sampled ones'. The KL can pass the limit by
+    one update's step (and the sampling noise) before it is pulled back.
+
+    Args:
+        limit: the KL per response to stay under (nats), or None for no bound.
+    """
+
+    limit: float | None = None
+
+    def restores(self, kl_per_response: float) -> bool:
+        """Whether an update whose policy is at ``kl_per_response`` moves back instead."""
+        return self.limit is not None and kl_per_response > self.limit

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from attune.models import generate
-from attune.rl.logprobs import token_logprobs
+from attune.rl.logprobs import token_kl, token_logprobs
 
 
 @dataclass
@@ -155,12 +155,16 @@ def response_logprobs(
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
     with_entropy: bool = False,
     chunk_size: int = 1024,
+    *,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each response token's log-probability under ``model``, ``[batch, response_len]`` fp32
     (0 past a response's end), projected to the vocabulary only where there are response
     tokens; with ``with_entropy`` also the next-token distribution's entropy there (no
-    gradient), else None."""
-    hidden = response_hidden(model, rollout, precision() if precision is not None else None)
+    gradient), else None. ``hidden``: the model's :func:`response_hidden`, when already
+    computed."""
+    if hidden is None:
+        hidden = response_hidden(model, rollout, precision() if precision is not None else None)
     mask = rollout.response_mask
     selected = hidden[mask]
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
@@ -179,6 +183,33 @@ def response_logprobs(
         if pieces:
             entropy = entropy.masked_scatter(mask, torch.cat(pieces))
     return logprobs, entropy
+
+
+def response_kl(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    rollout: Rollout,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``[batch, response_len]`` fp32: KL(policy || reference) of the next-token distributions
+    at each response position, summed exactly over the vocabulary (0 past a response's end);
+    differentiable in the policy's ``hidden``. Summed over a response, its mean over sampled
+    responses is the sequences' KL, with less noise than the sampled tokens' estimate.
+
+    Args:
+        hidden, reference_hidden: the policy's and the reference's :func:`response_hidden`.
+        rollout: the rollout they score.
+        output, reference_output: their output heads.
+        chunk_size: positions projected at once.
+    """
+    mask = rollout.response_mask
+    kl = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    divergences = token_kl(
+        hidden[mask], reference_hidden[mask], output, reference_output, chunk_size
+    )
+    return kl.masked_scatter(mask, divergences)
 
 
 def response_values(

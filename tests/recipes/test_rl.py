@@ -1,7 +1,7 @@
 """RL from feedback through the real ``tune run``: a reward model learns the demo's preference
-and saves a checkpoint transformers scores alike; PPO raises a function reward, holds its KL
-near a configured target, resumes exactly, runs with LoRA and with a reward model; bad
-settings are one line."""
+and saves a checkpoint transformers scores alike; PPO raises a function reward, adapts its KL
+coefficient toward a target, keeps its KL near a configured limit, resumes exactly, runs with
+LoRA and with a reward model; bad settings are one line."""
 
 import json
 import shutil
@@ -125,6 +125,22 @@ def test_adaptive_kl_follows_its_law_and_pulls_the_kl_back_toward_the_target(tmp
     assert sum(kls[-5:]) / 5 < 0.75 * peak, [round(kl, 2) for kl in kls]
 
 
+def test_kl_limit_keeps_the_kl_to_the_reference_near_its_bound(tmp_path, tiny_cache):
+    """tiny/ppo's fixed coefficient lets the KL per response reach about 9 nats by step 30;
+    with ``ppo.kl_limit=3`` updates that find the policy past 3 nats move it back, so the KL
+    passes the limit by at most about one update's step and averages under it."""
+    run = tmp_path / "run"
+    limit = 3.0
+    train("ppo_full_finetune_single_device", "tiny/ppo", f"output_dir={run}", "max_steps=36",
+          f"ppo.kl_limit={limit}", *QUIET, env=tiny_cache)  # fmt: skip
+    steps = ppo_records(run)
+    kls = [step["kl_vocab"] for step in steps]
+    shown = [round(kl, 2) for kl in kls]
+    assert any(step["kl_restoring"] > 0 for step in steps), shown  # the limit was reached
+    assert max(kls) < 2 * limit, shown
+    assert sum(kls[10:]) / len(kls[10:]) < limit, shown
+
+
 def test_lora_ppo_writes_a_peft_adapter_and_its_reference_is_the_base(tmp_path, tiny_cache):
     run = tmp_path / "run"
     train("ppo_lora_finetune_single_device", "tiny/ppo_lora", f"output_dir={run}",
@@ -141,6 +157,7 @@ def test_lora_ppo_writes_a_peft_adapter_and_its_reference_is_the_base(tmp_path, 
     [
         ("ppo.minibatch_size=5", "ppo.minibatch_size=5 does not divide batch_size=32"),
         ("ppo.clip_ratio=-1", "ppo.clip_ratio must be > 0"),
+        ("ppo.kl_limit=0", "ppo.kl_limit must be > 0 or null"),
         ("value_model.num_labels=null", "the value model has one output"),
     ],
 )

@@ -81,6 +81,28 @@ def test_rollout_scores_equal_each_row_scored_alone(model):
         assert logprobs[row, n:].abs().sum() == 0
 
 
+def test_response_kl_is_torch_distributions_kl_at_each_position(model):
+    """The exact KL over the vocabulary against torch.distributions' own, position by
+    position, for a reference that differs from the policy; its gradient reaches the policy."""
+    stops = stop_tokens_that_end_rows_early(model)
+    rollout = rl.generate_rollout(model, PROMPTS, 8, temperature=0.0, stop_tokens=stops, pad_id=0)
+    torch.manual_seed(1)
+    reference = models.from_hf_config(CONFIG).eval()
+    with torch.no_grad():
+        ref_hidden = rl.response_hidden(reference, rollout)
+    hidden = rl.response_hidden(model, rollout)
+    kl = rl.response_kl(hidden, ref_hidden, rollout, model.output, reference.output, chunk_size=3)
+    policy_dist = torch.distributions.Categorical(logits=model.output(hidden).float())
+    reference_dist = torch.distributions.Categorical(logits=reference.output(ref_hidden).float())
+    expected = torch.distributions.kl_divergence(policy_dist, reference_dist)
+    mask = rollout.response_mask
+    assert torch.allclose(kl[mask], expected[mask], atol=1e-5)
+    assert kl[~mask].abs().sum() == 0 and kl[mask].min() > 0
+    kl.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
 def test_sampled_rollouts_repeat_with_the_same_generator(model):
     def sample(seed):
         generator = torch.Generator().manual_seed(seed)
