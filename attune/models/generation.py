@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from attune.models.decoder import TransformerDecoder
 
@@ -56,6 +57,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    all_ranks: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt, decoding all of them together with one KV cache.
 
@@ -69,6 +71,9 @@ def generate(
         temperature, top_k, top_p, generator: see :func:`sample_next`.
         stop_tokens: a row ends after producing one of these (it is kept in the output).
         pad_id: filler for the padding (never attended).
+        all_ranks: every process of the default group decodes its own prompts in step with
+            the others (a sharded model's forward is a collective): decoding goes on until
+            every process's rows have finished.
 
     Returns:
         The new tokens of each prompt, up to and including its stop token.
@@ -85,18 +90,17 @@ def generate(
     cache = model.make_cache(batch, prompt_len + max_new_tokens)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
+    new_tokens, lengths = [], torch.zeros(batch, dtype=torch.long, device=device)
 
     logits = model(
         tokens, positions=positions, padding_mask=padding_mask[:, :prompt_len], cache=cache
     )[:, -1]
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
-        for row in range(batch):
-            if not finished[row]:
-                outputs[row].append(int(next_tokens[row]))
+        new_tokens.append(next_tokens)
+        lengths += ~finished
         finished |= torch.isin(next_tokens, stops)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or _all_finished(finished, all_ranks):
             break
         positions = positions[:, -1:] + 1
         logits = model(
@@ -105,4 +109,15 @@ def generate(
             padding_mask=padding_mask[:, : cache.length + 1],
             cache=cache,
         )[:, -1]
-    return outputs
+    if not new_tokens:
+        return [[] for _ in range(batch)]
+    rows = torch.stack(new_tokens, dim=1).tolist()
+    return [row[:length] for row, length in zip(rows, lengths.tolist(), strict=True)]
+
+
+def _all_finished(finished: torch.Tensor, all_ranks: bool) -> bool:
+    if not (all_ranks and dist.is_available() and dist.is_initialized()):
+        return bool(finished.all())
+    unfinished = (~finished).sum().reshape(1)
+    dist.all_reduce(unfinished)
+    return int(unfinished.item()) == 0

@@ -2,15 +2,16 @@
 prompts, a reward source scores the answers, and PPO improves the policy against a value model
 while a per-token KL penalty keeps it near the frozen reference.
 
-Registered as ``ppo_full_finetune_single_device`` and ``ppo_lora_finetune_single_device``: a
-``lora`` section puts adapters on the policy (its reference is then the policy with them off);
-the value model trains in full. The ``reward`` component is a reward-model checkpoint
+Registered as ``ppo_full_finetune_single_device`` and ``ppo_lora_finetune_single_device`` (and
+their ``_distributed`` twins, for torchrun): a ``lora`` section puts adapters on the policy (its
+reference is then the policy with them off); the value model trains in full. The ``reward`` component is a reward-model checkpoint
 (``attune.rl.ModelReward``) or a Python function (``attune.rl.FunctionReward``). One step of the
 loop is one rollout batch: generate (KV cache, no gradients), score, compute advantages, then
 ``ppo.epochs`` passes of ``batch_size / ppo.minibatch_size`` optimizer steps over it.
 
     tune run ppo_full_finetune_single_device --config tiny/ppo
     tune run ppo_full_finetune_single_device --config tiny/ppo_reward_model
+    tune run --nproc_per_node 2 ppo_full_finetune_distributed --config tiny/ppo
 """
 
 import contextlib
@@ -45,11 +46,7 @@ def train(cfg, run):
     # adapters), the value model, the frozen reference and the reward source
     settings = config.instantiate(cfg.get("ppo")) or rl.PPOSettings()
     minibatches = settings.minibatches(cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
-    if run.world.distributed:
-        raise ConfigError(
-            "the PPO recipes run on one process (rollouts are not yet generated in step across "
-            "processes); launch without --nproc_per_node"
-        )
+    distributed = run.world.distributed
     reward = config.instantiate(cfg.reward)
     tokenizer, lora, checkpointer, resumed_from, policy = training.setup_training(cfg, run)
     value = training.setup_model(
@@ -62,7 +59,7 @@ def train(cfg, run):
         )
     reference, adapters_off = training.reference_model(cfg, run, policy, lora)
     offload = cfg.get("offload_frozen_models", False)
-    frozen = FrozenModels(reference if not adapters_off else None, reward, run, offload)
+    frozen = FrozenModels(reference, adapters_off, reward, run, offload)
 
     # Prompts, and the loop (one optimizer over the policy and the value model)
     pad_id = tokenizer.padding_id
@@ -91,11 +88,14 @@ def train(cfg, run):
 
     # The loop: one rollout batch per item
     for micro_batches in loop:
-        # 1. Rollouts: each step's sampling seeded by the step, so a resumed run samples alike
+        # 1. Rollouts: each step's sampling seeded by the step (and the process), so a resumed
+        # run samples alike; processes decode their own prompts in step
         prompts = [prompt for batch in micro_batches for prompt in batch["prompts"]]
         texts = [text for batch in micro_batches for text in batch["texts"]]
         columns = [row for batch in micro_batches for row in batch["columns"]]
-        generator = torch.Generator(run.device).manual_seed(seed * 1_000_003 + loop.step)
+        generator = torch.Generator(run.device).manual_seed(
+            seed * 1_000_003 + loop.step + 1_000_000_007 * run.world.rank
+        )
         rollout = rl.generate_rollout(
             policy,
             prompts,
@@ -106,6 +106,7 @@ def train(cfg, run):
             stop_tokens=tokenizer.stop_token_ids,
             pad_id=pad_id,
             generator=generator,
+            all_ranks=distributed,
         )
         mask = rollout.response_mask
 
@@ -122,7 +123,7 @@ def train(cfg, run):
                 with adapters:
                     ref_hidden = rl.response_hidden(model, rollout, run.precision())
                     ref_logprobs, _ = rl.response_logprobs(model, rollout, hidden=ref_hidden)
-                head = reference_head(model, adapters_off)
+                head = frozen.head_of(model)
                 kl_vocab = rl.response_kl(hidden, ref_hidden, rollout, policy.output, head)
             old_values = rl.response_values(value, rollout, run.precision)
             completions = tokenizer.decode_batch(
@@ -136,7 +137,7 @@ def train(cfg, run):
             rewards = rl.token_rewards(scores, kl, mask, kl_control.value)
             advantages, returns = rl.gae(rewards, old_values, mask, settings.gamma, settings.lam)
             if settings.whiten_advantages:
-                advantages = rl.whiten(advantages, mask)
+                advantages = rl.whiten(advantages, mask, all_ranks=distributed)
         experience = {
             "tokens": rollout.tokens,
             "padding_mask": rollout.padding_mask,
@@ -149,15 +150,15 @@ def train(cfg, run):
         }
 
         # 3. PPO epochs over minibatches: one optimizer step each, token-exact (with a KL
-        # limit the reference's head stays on the device: updates past it move back)
+        # limit the reference's head is at hand: updates past it move back)
         order_source = torch.Generator().manual_seed(seed * 1_000_003 + loop.step)
         updates, update_sums, grad_norm = 0, {}, None
-        limited = frozen.reference(policy) if kl_limit.limit else contextlib.nullcontext(policy)
-        with limited as model:
+        limited = frozen.reference_head(policy) if kl_limit.limit else contextlib.nullcontext()
+        with limited as reference_output:
             loss_of = functools.partial(
                 ppo_loss, policy=policy, value=value, settings=settings, kl_limit=kl_limit,
-                reference_output=reference_head(model, adapters_off),
-                prompt_len=rollout.prompt_len, precision=run.precision,
+                reference_output=reference_output, prompt_len=rollout.prompt_len,
+                precision=run.precision,
             )  # fmt: skip
             for rows in rl.minibatch_rows(len(prompts), settings.epochs, minibatches, order_source):
                 minibatch = {
@@ -177,23 +178,33 @@ def train(cfg, run):
         update_means = {name: total / max(updates, 1) for name, total in update_sums.items()}
         training.check_finite(update_means["loss"], loop.step, loop.last_saved)
 
-        # 4. The KL coefficient for the next batch, and the step's metrics
-        per_response_kl = float(kl.sum(-1).mean())
-        kl_control.update(per_response_kl, len(prompts))
+        # 4. The batch's statistics over every process; the KL coefficient for the next batch
+        local = {
+            "rollouts": len(prompts), "score": scores.sum(), "score_squares": (scores**2).sum(),
+            "kl": kl.sum(), "kl_vocab": kl_vocab.sum(), "entropy": (entropy * mask).sum(),
+            "response_tokens": mask.sum(), "stopped": rollout.stopped.sum(),
+            "input_tokens": rollout.padding_mask.sum(),
+        }  # fmt: skip
+        total = dict(zip(local, training.all_ranks_sums(
+            [float(value) for value in local.values()], run.device), strict=True))  # fmt: skip
+        rollouts = total["rollouts"]
+        mean_score = total["score"] / rollouts
+        score_variance = (total["score_squares"] - rollouts * mean_score**2) / max(rollouts - 1, 1)
+        per_response_kl = total["kl"] / rollouts
+        kl_control.update(per_response_kl, int(rollouts))
         loop.recipe_state = kl_control.state_dict()
-        loop.count(int(rollout.padding_mask.sum()))
-        response_tokens = mask.float().sum()
+        loop.count(int(total["input_tokens"]))
         loop.log(
             {
                 **update_means,
-                "reward": float(scores.mean()),
-                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "reward": mean_score,
+                "reward_std": max(score_variance, 0.0) ** 0.5,
                 "kl": per_response_kl,
-                "kl_vocab": float(kl_vocab.sum(-1).mean()),
+                "kl_vocab": total["kl_vocab"] / rollouts,
                 "kl_coef": kl_control.value,
-                "entropy": float((entropy * mask).sum() / response_tokens.clamp(min=1)),
-                "response_length": float(response_tokens / len(prompts)),
-                "stop_fraction": float(rollout.stopped.float().mean()),
+                "entropy": total["entropy"] / max(total["response_tokens"], 1),
+                "response_length": total["response_tokens"] / rollouts,
+                "stop_fraction": total["stopped"] / rollouts,
                 "grad_norm": grad_norm,
             }
         )
@@ -218,7 +229,8 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
     restoring = False
     if kl_limit.limit is not None:
         kl = rl.response_kl(hidden, batch["ref_hidden"], sample, policy.output, reference_output)
-        restoring = kl_limit.restores(float(kl.detach().sum()) / len(kl))
+        kl_sum, rows = training.all_ranks_sums([float(kl.detach().sum()), len(kl)], kl.device)
+        restoring = kl_limit.restores(kl_sum / rows)
         if restoring:
             policy_loss = kl.sum()
     values = rl.response_values(value, sample, precision)
@@ -232,31 +244,20 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
     return loss, stats
 
 
-def reference_head(reference, adapters_off: bool):
-    """The reference's output head: a LoRA policy's own, run with its adapters off."""
-    if not adapters_off:
-        return reference.output
-
-    def base_output(hidden):
-        with peft.disabled_adapters(reference.lm_head):
-            return reference.output(hidden)
-
-    return base_output
-
-
 class FrozenModels:
-    """The models PPO only reads (a reference copy, a reward model), kept on the CPU between
-    uses when ``offload`` is set, so the update phase has the device to itself."""
+    """The models PPO only reads: the reference (a frozen copy, or a LoRA policy with its
+    adapters off) and a reward model; with ``offload``, the copy and the reward model stay on
+    the CPU between uses, so the update phase has the device to itself."""
 
-    def __init__(self, reference, reward, run, offload: bool):
-        self.reference_copy = reference
+    def __init__(self, reference, adapters_off: bool, reward, run, offload: bool):
+        self.reference_copy = None if adapters_off else reference
         self.reward_source = reward
         self.device = run.device
         self.offload = offload
         home = torch.device("cpu") if offload else run.device
         reward.prepare(home, run.dtype)
-        if reference is not None and offload:
-            reference.to(home)
+        if self.reference_copy is not None and offload:
+            self.reference_copy.to(home)
 
     @contextlib.contextmanager
     def _on_device(self, module):
@@ -273,6 +274,28 @@ class FrozenModels:
         """The reference model on the device: the copy, or the policy (adapters off)."""
         with self._on_device(self.reference_copy):
             yield self.reference_copy if self.reference_copy is not None else policy
+
+    def head_of(self, model):
+        """The reference's output head: a LoRA policy's own, run with its adapters off."""
+        if self.reference_copy is not None:
+            return model.output
+
+        def base_output(hidden):
+            with peft.disabled_adapters(model.lm_head):
+                return model.output(hidden)
+
+        return base_output
+
+    @contextlib.contextmanager
+    def reference_head(self, policy):
+        """The reference's output head, callable outside the reference's forward pass for
+        the whole block (a sharded copy's root gathered; a collective on entry)."""
+        with self.reference(policy) as model:
+            if self.reference_copy is None:  # the policy's own head, whole after its forward
+                yield self.head_of(model)
+                return
+            with training.unsharded_root(model):
+                yield self.head_of(model)
 
     @contextlib.contextmanager
     def reward(self):

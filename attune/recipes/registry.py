@@ -82,6 +82,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("reward_model_distributed", "reward_model.py", ("tiny/reward_model",)),
     Recipe("ppo_full_finetune_single_device", "ppo.py", ("tiny/ppo", "tiny/ppo_reward_model")),
     Recipe("ppo_lora_finetune_single_device", "ppo.py", ("tiny/ppo_lora",)),
+    Recipe("ppo_full_finetune_distributed", "ppo.py", ("tiny/ppo", "tiny/ppo_reward_model")),
+    Recipe("ppo_lora_finetune_distributed", "ppo.py", ("tiny/ppo_lora",)),
     Recipe("quantize", "quantize.py", ("tiny/quantize",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
 )

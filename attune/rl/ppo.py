@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from attune.errors import ConfigError
 
@@ -103,6 +104,15 @@ def minibatch_rows(
         yield from torch.randperm(batch_size, generator=generator).chunk(minibatches)
 
 
+def _summed(values: list[torch.Tensor], all_ranks: bool) -> list[torch.Tensor]:
+    """Scalars summed over the processes of the default group when ``all_ranks``."""
+    if not (all_ranks and dist.is_available() and dist.is_initialized()):
+        return values
+    stacked = torch.stack(values)
+    dist.all_reduce(stacked)
+    return list(stacked.unbind())
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum()
 
@@ -111,13 +121,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(values, mask) / mask.sum().clamp(min=1)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_ranks: bool = False
+) -> torch.Tensor:
     """``values`` scaled to unit variance over the masked entries (unbiased variance), and
-    centred unless ``shift_mean`` is False; 0 outside the mask."""
+    centred unless ``shift_mean`` is False; 0 outside the mask. ``all_ranks``: the mean and
+    variance are those of the masked entries of every process (a collective)."""
     mask = mask.to(values.dtype)
-    count = mask.sum()
-    mean = masked_sum(values, mask) / count.clamp(min=1)
-    variance = masked_sum((values - mean) ** 2, mask) / (count - 1).clamp(min=1)
+    count, total = _summed([mask.sum(), masked_sum(values, mask)], all_ranks)
+    mean = total / count.clamp(min=1)
+    (squares,) = _summed([masked_sum((values - mean) ** 2, mask)], all_ranks)
+    variance = squares / (count - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -108,9 +108,11 @@ def generate_rollout(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    all_ranks: bool = False,
 ) -> Rollout:
     """Continue every prompt with ``model`` (in eval mode, no gradients, one KV cache that is
-    freed on return). Sampling arguments as :func:`attune.models.generate`."""
+    freed on return). Sampling arguments and ``all_ranks`` (every process decodes in step, as
+    a sharded model needs) as :func:`attune.models.generate`."""
     was_training = model.training
     model.eval()
     try:
@@ -124,6 +126,7 @@ def generate_rollout(
             stop_tokens=stop_tokens,
             pad_id=pad_id,
             generator=generator,
+            all_ranks=all_ranks,
         )
     finally:
         model.train(was_training)

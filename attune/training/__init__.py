@@ -4,7 +4,7 @@ schedules, the training step, checkpoints, metrics and the held-out answer check
 from attune.training.answer_check import AnswerCheck, AnswerLog, AnswerReport
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
-from attune.training.distributed import World
+from attune.training.distributed import World, unsharded_root
 from attune.training.interrupt import StopSignals
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import ChunkedCrossEntropy, token_count
@@ -54,6 +54,7 @@ from attune.training.step import (
     StepResult,
     TrainingError,
     accumulated_backward,
+    all_ranks_sums,
     backward_step,
     check_finite,
     evaluate,
@@ -84,6 +85,7 @@ __all__ = [
     "WandbLogger",
     "World",
     "accumulated_backward",
+    "all_ranks_sums",
     "append_metrics",
     "apply_activation_checkpointing",
     "backward_step",
@@ -121,5 +123,6 @@ __all__ = [
     "total_steps",
     "trainable_parameters",
     "training_loop",
+    "unsharded_root",
     "weights_writer",
 ]

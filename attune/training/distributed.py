@@ -7,8 +7,10 @@ On one process none of this is used and the model is an ordinary module.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,23 @@ def shard_model(
     for layer in model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
+
+
+@contextlib.contextmanager
+def unsharded_root(module: nn.Module) -> Iterator[None]:
+    """Inside the block, a sharded model's root-level parameters (embedding, final norm,
+    output head) are whole, so its head can run outside its forward pass; a collective on
+    entry (every rank enters together). Nothing happens to a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

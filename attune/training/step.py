@@ -57,11 +57,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
-def all_ranks_sums(values: Sequence[int], device: torch.device) -> list[int]:
-    """``values`` each summed over every rank, in one collective (themselves on one process)."""
+def all_ranks_sums(values: Sequence[int | float], device: torch.device) -> list:
+    """``values`` each summed over every rank, in one collective (themselves on one process):
+    integers stay integers when they all are, else every sum is a float."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
-    totals = torch.tensor(values, device=device, dtype=torch.long)
+    exact = all(isinstance(value, int) for value in values)
+    totals = torch.tensor(values, device=device, dtype=torch.long if exact else torch.float64)
     dist.all_reduce(totals)
     return totals.tolist()
 

@@ -183,3 +183,22 @@ def test_reward_model_on_two_processes_gives_the_losses_of_one(tmp_path, tiny_ca
     losses = [[record["loss"] for record in records(run)] for run in (one, two)]
     assert len(losses[0]) == 4
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_ppo_on_two_processes_gives_the_losses_of_one(tmp_path, tiny_cache):
+    """The same 16 prompts, 8 on each of 2 processes or 16 on 1, answered greedily: the same
+    rewards, KL and losses at every step. The processes decode in step until both have
+    finished, whiten advantages over both, and decide the KL limit's moves back together."""
+    common = ("max_steps=4", "temperature=0.0", "ppo.epochs=2", "ppo.minibatch_size=null",
+              "ppo.kl_limit=0.1", *QUIET)  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    train("ppo_full_finetune_single_device", "tiny/ppo", f"output_dir={one}", "batch_size=16",
+          *common, env=tiny_cache)  # fmt: skip
+    train("ppo_full_finetune_distributed", "tiny/ppo", f"output_dir={two}", "batch_size=8",
+          "offload_frozen_models=true", *common, env=tiny_cache,
+          launcher=("--nproc_per_node", "2"))  # fmt: skip
+    runs = [ppo_records(one), ppo_records(two)]
+    assert len(runs[0]) == 4 and any(step["kl_restoring"] > 0 for step in runs[0])
+    for name in ("reward", "kl", "kl_vocab", "loss", "policy_loss", "value_loss"):
+        values = [[step[name] for step in steps] for steps in runs]
+        assert values[1] == pytest.approx(values[0], abs=1e-5), name
