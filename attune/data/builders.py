@@ -68,13 +68,35 @@ def _mask_strategy(mask_strategy: MaskStrategy, train_on_input: bool) -> MaskStr
     return "all" if train_on_input else mask_strategy
 
 
-def _require_chat_template(tokenizer: Tokenizer) -> None:
+def require_chat_template(tokenizer: Tokenizer, what: str = "conversations") -> None:
+    """One clear line when a dataset renders ``what`` with a tokenizer that has no template."""
     if tokenizer.chat_template is None:
         raise ChatTemplateError(
-            "the tokenizer has no chat template, and this dataset renders conversations; set "
+            f"the tokenizer has no chat template, and this dataset renders {what}; set "
             "tokenizer.chat_template in the config (a built-in name such as chatml or llama3, "
             "a Jinja string, or a .jinja file)"
         )
+
+
+def encoded_table(
+    tokenizer: Tokenizer,
+    source: str,
+    encode: Callable[[Mapping[str, Any]], dict[str, Any]],
+    identity: Mapping[str, Any],
+    *,
+    split: str,
+    filter_fn: Callable[[Mapping[str, Any]], bool] | None,
+    num_proc: int | None,
+    cache_dir: str | None,
+    load_kwargs: Mapping[str, Any] | None,
+) -> Any:
+    """A source's rows (``split``, filtered) through ``encode``, as a ``datasets.Dataset``
+    cached under ``identity`` plus the split and the tokenizer's fingerprint."""
+    rows = load_rows(
+        source, split=split, filter_fn=filter_fn, cache_dir=cache_dir, **(load_kwargs or {})
+    )
+    identity = {**identity, "split": split, "tokenizer": tokenizer.fingerprint()}
+    return encode_rows(rows, encode, identity=identity, source=source, num_proc=num_proc)
 
 
 def _build(
@@ -93,11 +115,10 @@ def _build(
     load_kwargs: Mapping[str, Any] | None,
     packed: bool = False,
 ) -> TokenizedDataset:
-    rows = load_rows(
-        source, split=split, filter_fn=filter_fn, cache_dir=cache_dir, **(load_kwargs or {})
-    )
-    identity = {**identity, "split": split, "tokenizer": tokenizer.fingerprint()}
-    table = encode_rows(rows, encode, identity=identity, source=source, num_proc=num_proc)
+    table = encoded_table(
+        tokenizer, source, encode, identity, split=split, filter_fn=filter_fn,
+        num_proc=num_proc, cache_dir=cache_dir, load_kwargs=load_kwargs,
+    )  # fmt: skip
     return TokenizedDataset(
         table,
         kind=kind,
@@ -117,7 +138,7 @@ def _conversation_dataset(
     chat_template_kwargs: Mapping[str, Any] | None,
     **common: Any,
 ) -> TokenizedDataset:
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     template_kwargs = dict(chat_template_kwargs or {})
     identity = {**identity, "strategy": strategy, "template_kwargs": template_kwargs}
     encode = ChatEncoder(tokenizer, to_messages, strategy, template_kwargs)
@@ -244,7 +265,7 @@ def preference_dataset(
             its own (attention within it only), instead of padding every sequence.
         Others: as for :func:`instruct_dataset`.
     """
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     to_pair = functools.partial(preference_pair, column_map=column_map)
     template_kwargs = dict(chat_template_kwargs or {})
     identity = {

@@ -18,16 +18,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from attune.data.builders import encoded_table, require_chat_template
 from attune.data.formats import Messages, RowError, _as_turns, _checked_messages, _has, _text
 from attune.data.sampler import GlobalOrderSampler
-from attune.data.sources import DataError, load_rows
-from attune.data.tokenized import (
-    TRUNCATION_POLICIES,
-    TruncationPolicy,
-    TruncationStats,
-    encode_rows,
-)
-from attune.tokenizer import ChatTemplateError, Tokenizer
+from attune.data.sources import DataError
+from attune.data.tokenized import TRUNCATION_POLICIES, TruncationPolicy, TruncationStats
+from attune.tokenizer import Tokenizer
 
 
 def prompt_messages(
@@ -199,24 +195,13 @@ def prompt_dataset(
         chat_template_kwargs: extra template variables (``enable_thinking``, ...).
         load_kwargs: passed to ``datasets.load_dataset``.
     """
-    if tokenizer.chat_template is None:
-        raise ChatTemplateError(
-            "the tokenizer has no chat template, and prompts are rendered with one; set "
-            "tokenizer.chat_template in the config (a built-in name such as chatml, a Jinja "
-            "string, or a .jinja file)"
-        )
-    rows = load_rows(
-        source, split=split, filter_fn=filter_fn, cache_dir=cache_dir, **(load_kwargs or {})
-    )
+    require_chat_template(tokenizer, "prompts")
     template_kwargs = dict(chat_template_kwargs or {})
     encode = PromptEncoder(tokenizer, column_map, system_prompt, template_kwargs)
-    identity = {
-        "format": "prompt",
-        "column_map": column_map,
-        "system_prompt": system_prompt,
-        "template_kwargs": template_kwargs,
-        "split": split,
-        "tokenizer": tokenizer.fingerprint(),
-    }
-    table = encode_rows(rows, encode, identity=identity, source=source, num_proc=num_proc)
+    identity = {"format": "prompt", "column_map": column_map, "system_prompt": system_prompt,
+                "template_kwargs": template_kwargs}  # fmt: skip
+    table = encoded_table(
+        tokenizer, source, encode, identity, split=split, filter_fn=filter_fn,
+        num_proc=num_proc, cache_dir=cache_dir, load_kwargs=load_kwargs,
+    )  # fmt: skip
     return PromptDataset(table, max_prompt_len=max_prompt_len, truncation=truncation, source=source)

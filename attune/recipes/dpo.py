@@ -51,20 +51,13 @@ def train(cfg, run):
         reference = reference_scorer(cfg, run, policy, lora)
     objective = rl.PreferenceObjective(loss_fn, reference, caches.get("train"))
     if validation is not None:
-        held_out = rl.PreferenceObjective(loss_fn, reference, caches.get("validation"))
-
-    def evaluate_pairs():
-        pairs, sums = training.held_out_pairs(
-            policy, validation, cfg.batch_size, pad_id, run,
-            lambda batch: held_out(policy, batch, run.precision())[1],
-        )  # fmt: skip
-        return {f"val_{name}": value for name, value in rl.mean_statistics(pairs, sums).items()}
-
-    def report_held_out(when):
-        if validation is not None:
-            share = evaluate_pairs()["val_logps/accuracy"]
-            run.print(f"{when} training: the chosen reply is the more likely in {share:.0%} of "
-                      f"{len(validation)} held-out pairs")  # fmt: skip
+        held_out_objective = rl.PreferenceObjective(loss_fn, reference, caches.get("validation"))
+    held_out = training.HeldOutPairs(
+        validation, policy, lambda batch: held_out_objective(policy, batch, run.precision())[1],
+        run, batch_size=cfg.batch_size, pad_id=pad_id, accuracy="logps/accuracy",
+        wins="the chosen reply is the more likely", means_of=rl.mean_statistics,
+        every=cfg.get("eval_every_n_steps"),
+    )  # fmt: skip
 
     # The loop (optimizer, schedule, checkpoints, metrics)
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
@@ -73,9 +66,8 @@ def train(cfg, run):
         loop.resume(resumed_from)
     answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
     if resumed_from is None:
-        report_held_out("before")
+        held_out.report("before")
         answers.record(policy, "before")
-    eval_every = cfg.get("eval_every_n_steps")
 
     # The loop: one optimizer step per item; the loss is the mean over the step's pairs
     for micro_batches in loop:
@@ -91,10 +83,10 @@ def train(cfg, run):
         grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
         loop.count(input_tokens)
         loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
-        if validation is not None and eval_every and loop.step % eval_every == 0:
-            loop.log_now(evaluate_pairs())
+        if held_out.due(loop.step):
+            loop.log_now(held_out.metrics())
     loop.finish()
-    report_held_out("after")
+    held_out.report("after")
     answers.record(policy, "after")
 
 

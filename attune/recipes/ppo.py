@@ -59,7 +59,7 @@ def train(cfg, run):
         )
     reference, adapters_off = training.reference_model(cfg, run, policy, lora)
     offload = cfg.get("offload_frozen_models", False)
-    frozen = FrozenModels(reference, adapters_off, reward, run, offload)
+    frozen = training.FrozenModels(reference, adapters_off, reward, run, offload)
 
     # Prompts, and the loop (one optimizer over the policy and the value model)
     pad_id = tokenizer.padding_id
@@ -242,66 +242,6 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
              "value_loss": value_loss.detach(), **policy_stats, **value_stats,
              "kl_restoring": tokens.sum() * float(restoring)}  # fmt: skip
     return loss, stats
-
-
-class FrozenModels:
-    """The models PPO only reads: the reference (a frozen copy, or a LoRA policy with its
-    adapters off) and a reward model; with ``offload``, the copy and the reward model stay on
-    the CPU between uses, so the update phase has the device to itself."""
-
-    def __init__(self, reference, adapters_off: bool, reward, run, offload: bool):
-        self.reference_copy = None if adapters_off else reference
-        self.reward_source = reward
-        self.device = run.device
-        self.offload = offload
-        home = torch.device("cpu") if offload else run.device
-        reward.prepare(home, run.dtype)
-        if self.reference_copy is not None and offload:
-            self.reference_copy.to(home)
-
-    @contextlib.contextmanager
-    def _on_device(self, module):
-        if module is not None and self.offload:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            if module is not None and self.offload:
-                module.to("cpu")
-
-    @contextlib.contextmanager
-    def reference(self, policy):
-        """The reference model on the device: the copy, or the policy (adapters off)."""
-        with self._on_device(self.reference_copy):
-            yield self.reference_copy if self.reference_copy is not None else policy
-
-    def head_of(self, model):
-        """The reference's output head: a LoRA policy's own, run with its adapters off."""
-        if self.reference_copy is not None:
-            return model.output
-
-        def base_output(hidden):
-            with peft.disabled_adapters(model.lm_head):
-                return model.output(hidden)
-
-        return base_output
-
-    @contextlib.contextmanager
-    def reference_head(self, policy):
-        """The reference's output head, callable outside the reference's forward pass for
-        the whole block (a sharded copy's root gathered; a collective on entry)."""
-        with self.reference(policy) as model:
-            if self.reference_copy is None:  # the policy's own head, whole after its forward
-                yield self.head_of(model)
-                return
-            with training.unsharded_root(model):
-                yield self.head_of(model)
-
-    @contextlib.contextmanager
-    def reward(self):
-        """The reward source, its model on the device."""
-        with self._on_device(getattr(self.reward_source, "model", None)):
-            yield self.reward_source
 
 
 if __name__ == "__main__":

@@ -49,18 +49,11 @@ def train(cfg, run):
     validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
     run.print(f"{len(dataset)} preference pairs; {dataset.stats.summary(dataset.max_seq_len)}")
 
-    def evaluate_pairs():
-        pairs, sums = training.held_out_pairs(
-            model, validation, cfg.batch_size, pad_id, run,
-            lambda batch: objective(model, batch, run.precision())[1],
-        )  # fmt: skip
-        return {f"val_{name}": value / max(pairs, 1) for name, value in sums.items()}
-
-    def report_held_out(when):
-        if validation is not None:
-            share = evaluate_pairs()["val_accuracy"]
-            run.print(f"{when} training: the chosen reply scores higher in {share:.0%} of "
-                      f"{len(validation)} held-out pairs")  # fmt: skip
+    held_out = training.HeldOutPairs(
+        validation, model, lambda batch: objective(model, batch, run.precision())[1], run,
+        batch_size=cfg.batch_size, pad_id=pad_id, accuracy="accuracy",
+        wins="the chosen reply scores higher", every=cfg.get("eval_every_n_steps"),
+    )  # fmt: skip
 
     # The loop (optimizer, schedule, checkpoints, metrics)
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
@@ -68,8 +61,7 @@ def train(cfg, run):
     if resumed_from is not None:
         loop.resume(resumed_from)
     else:
-        report_held_out("before")
-    eval_every = cfg.get("eval_every_n_steps")
+        held_out.report("before")
 
     # The loop: one optimizer step per item; the loss is the mean over the step's pairs
     for micro_batches in loop:
@@ -85,10 +77,10 @@ def train(cfg, run):
         grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
         loop.count(input_tokens)
         loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
-        if validation is not None and eval_every and loop.step % eval_every == 0:
-            loop.log_now(evaluate_pairs())
+        if held_out.due(loop.step):
+            loop.log_now(held_out.metrics())
     loop.finish()
-    report_held_out("after")
+    held_out.report("after")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from attune.training.answer_check import AnswerCheck, AnswerLog, AnswerReport
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
 from attune.training.distributed import World, unsharded_root
+from attune.training.frozen import FrozenModels
 from attune.training.interrupt import StopSignals
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import ChunkedCrossEntropy, token_count
@@ -51,6 +52,7 @@ from attune.training.setup import (
     training_loop,
 )
 from attune.training.step import (
+    HeldOutPairs,
     StepResult,
     TrainingError,
     accumulated_backward,
@@ -60,7 +62,6 @@ from attune.training.step import (
     evaluate,
     evaluated_sums,
     held_out_loss,
-    held_out_pairs,
     optimizer_step,
 )
 
@@ -74,6 +75,8 @@ __all__ = [
     "BatchStream",
     "Checkpointer",
     "ChunkedCrossEntropy",
+    "FrozenModels",
+    "HeldOutPairs",
     "MetricsWriter",
     "Run",
     "StepResult",
@@ -99,7 +102,6 @@ __all__ = [
     "evaluate",
     "evaluated_sums",
     "held_out_loss",
-    "held_out_pairs",
     "linear_with_warmup",
     "model_to_use",
     "optimizer_step",

@@ -258,18 +258,72 @@ def evaluate(
     return sums.get("loss", 0.0) / max(tokens, 1)
 
 
-def held_out_pairs(
-    model: torch.nn.Module,
-    dataset: TokenizedDataset,
-    batch_size: int,
-    pad_id: int,
-    run: Run,
-    summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-) -> tuple[int, dict[str, float]]:
-    """A validation pass over preference pairs (each rank scores its share): the number of
-    pairs and each statistic ``summed_of`` gives, summed over all of them."""
-    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
-    return evaluated_sums(model, batches, lambda batch: int(batch["pairs"]), summed_of, run.device)
+class HeldOutPairs:
+    """Preference pairs held out of training: their statistics as ``val_*`` metrics, and a
+    line before and after training saying how often the chosen reply wins. Each rank scores
+    its share; every call is a collective.
+
+    Args:
+        dataset: the pairs, or None (then nothing is measured or said).
+        model: the model scored.
+        summed_of: a batch (on the device) -> its statistics summed over its pairs.
+        run: the run.
+        batch_size: pairs scored at once.
+        pad_id: the padding token.
+        accuracy: the statistic that is the share of pairs the chosen reply wins.
+        wins: how the report says so ("the chosen reply scores higher").
+        means_of: ``(pairs, sums)`` -> the statistics' means (default: each sum over pairs).
+        every: measure every this many steps (None: only before and after training).
+    """
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset | None,
+        model: torch.nn.Module,
+        summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        run: Run,
+        *,
+        batch_size: int,
+        pad_id: int,
+        accuracy: str,
+        wins: str,
+        means_of: Callable[[int, dict[str, float]], dict[str, float]] | None = None,
+        every: int | None = None,
+    ):
+        self.dataset = dataset
+        self.model = model
+        self.summed_of = summed_of
+        self.run = run
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.accuracy = accuracy
+        self.wins = wins
+        self.means_of = means_of or (lambda n, sums: {k: v / max(n, 1) for k, v in sums.items()})
+        self.every = every
+
+    def metrics(self) -> dict[str, float]:
+        """Each statistic's mean over the held-out pairs, as ``val_<name>``."""
+        world = self.run.world
+        batches = eval_batches(
+            self.dataset, self.batch_size, self.pad_id, world.rank, world.world_size
+        )
+        pairs, sums = evaluated_sums(
+            self.model, batches, lambda batch: int(batch["pairs"]), self.summed_of,
+            self.run.device,
+        )  # fmt: skip
+        return {f"val_{name}": value for name, value in self.means_of(pairs, sums).items()}
+
+    def due(self, step: int) -> bool:
+        """Whether a measurement is due after ``step``."""
+        return self.dataset is not None and bool(self.every) and step % self.every == 0
+
+    def report(self, when: str) -> None:
+        """Say how often the chosen reply wins, ``when`` (``before``, ``after``) training."""
+        if self.dataset is not None:
+            share = self.metrics()[f"val_{self.accuracy}"]
+            self.run.print(
+                f"{when} training: {self.wins} in {share:.0%} of {len(self.dataset)} held-out pairs"
+            )
 
 
 def held_out_loss(
