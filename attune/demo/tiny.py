@@ -1,14 +1,19 @@
 """The ``tiny`` family: a small Llama-shaped checkpoint made by the package itself.
 
 No machine of the project reaches a model hub, so demos and tests need a model that exists
-without downloading: :func:`tiny_checkpoint` writes one on first use into a cache folder
-(``$ATTUNE_CACHE`` or ``~/.cache/attune``) and reuses it after. It is an ordinary HF folder:
-``config.json`` (``model_type: llama``), ``model.safetensors``, a byte-level BPE
-``tokenizer.json`` trained with the ``tokenizers`` library on the demo task's text, and a
-``tokenizer_config.json`` with the ChatML chat template. Its weights start random (seeded) and
-are trained for a few seconds on one task, repeating three words in order, so it arrives as a
-"base model" with a behaviour of its own; the demo configs then fine-tune it to reverse the
-words instead, and its answers before and after show the change.
+without downloading. It is an ordinary HF folder: ``config.json`` (``model_type: llama``),
+``model.safetensors``, a byte-level BPE ``tokenizer.json`` trained with the ``tokenizers``
+library on the demo task's text, and a ``tokenizer_config.json`` with the ChatML chat template.
+Its weights start random (seeded) and are trained for a few seconds on one task, repeating three
+words in order, so it arrives as a "base model" with a behaviour of its own; the demo configs
+then fine-tune it to reverse the words instead, and its answers before and after show the change.
+
+The package ships that folder (``attune/demo/tiny_base``, 3.5 MB), made by
+:func:`build_tiny_base` (``python -m attune.demo.tiny``): the pre-training is chaotic, so CPUs
+that round differently (AVX2 against AVX-512 kernels) end it with different weights, and every
+demo figure and test threshold would depend on the machine that built it.
+:func:`tiny_checkpoint` copies the shipped folder into a cache folder (``$ATTUNE_CACHE`` or
+``~/.cache/attune``) on first use, where runs find it by path.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ from attune.tokenizer import BUILTIN_TEMPLATES, Tokenizer
 from attune.tokenizer import from_pretrained as tokenizer_from_pretrained
 from attune.training import ChunkedCrossEntropy, backward_step, constant_with_warmup, optimizer_step
 
-VERSION = 1  # bump when the recipe below changes, so stale caches are not reused
+VERSION = 2  # bump when the shipped weights change, so stale caches are not reused
+SHIPPED = Path(__file__).resolve().parent / "tiny_base"
+SHIPPED_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json",
+)  # fmt: skip
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PRETRAIN_STEPS = 400
 PRETRAIN_BATCH = 32
@@ -124,7 +134,8 @@ def _write_model(folder: Path, tokenizer_folder: Path) -> None:
 
 
 def tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """The tiny checkpoint's folder, written first if it is not there yet."""
+    """The tiny checkpoint's folder in the cache, copied from the package first if it is not
+    there yet."""
     folder = Path(cache_dir or cache_root()) / f"tiny-v{VERSION}"
     if (folder / "config.json").is_file():
         return folder
@@ -136,6 +147,16 @@ def tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
 
 
 def _write_checkpoint(folder: Path) -> None:
+    with atomic_folder(folder) as staging:
+        for name in SHIPPED_FILES:
+            shutil.copyfile(SHIPPED / name, staging / name)
+
+
+def build_tiny_base(folder: Path) -> None:
+    """Make the tiny checkpoint from scratch into ``folder`` (a new one): train the tokenizer,
+    initialise the weights (seeded) and pre-train them on the echo task. This is how the
+    shipped ``tiny_base`` was made; rebuilding gives the same folder on a CPU of the same
+    kind (vector width) only."""
     with atomic_folder(folder) as staging, tempfile.TemporaryDirectory() as scratch:
         # save_pretrained writes a folder of its own: build beside, then move in
         tokenizer_folder = Path(scratch) / "tokenizer"
@@ -159,3 +180,11 @@ def tiny_model(
 def tiny_tokenizer() -> Tokenizer:
     """The tiny model's tokenizer, with its ChatML template."""
     return tokenizer_from_pretrained(tiny_checkpoint())
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED
+    build_tiny_base(target)  # replaces the folder once the new one is complete
+    print(f"wrote {target}")
