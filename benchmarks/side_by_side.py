@@ -47,6 +47,10 @@ ATTUNE = {
     "lora_fp32": ("lora", []),
     "lora_packed_fp32": ("lora", ["dataset.packed=true"]),
     "lora_bf16": ("lora", ["dtype=bf16"]),
+    "full_packed_bf16": ("full", ["dataset.packed=true", "dtype=bf16"]),
+    "full_packed_bf16_autocast": ("full", ["dataset.packed=true", "autocast=bf16"]),
+    "lora_packed_bf16": ("lora", ["dataset.packed=true", "dtype=bf16"]),
+    "lora_packed_bf16_autocast": ("lora", ["dataset.packed=true", "autocast=bf16"]),
     "full_packed_fp32_compiled": ("full", ["dataset.packed=true", "compile=true"]),
     "lora_packed_fp32_compiled": ("lora", ["dataset.packed=true", "compile=true"]),
 }
