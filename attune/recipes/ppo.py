@@ -143,11 +143,12 @@ def train(cfg, run):
             "padding_mask": rollout.padding_mask,
             "response_mask": mask,
             "old_logprobs": old_logprobs,
-            "ref_hidden": ref_hidden,
             "old_values": old_values,
             "advantages": advantages,
             "returns": returns,
         }
+        if kl_limit.limit is not None:  # the updates measure the policy against it
+            experience["ref_hidden"] = ref_hidden
 
         # 3. PPO epochs over minibatches: one optimizer step each, token-exact (with a KL
         # limit the reference's head is at hand: updates past it move back)
