@@ -16,9 +16,8 @@ from attune import config, rl, training
 
 SCHEMA = {
     **training.TRAINING_KEYS,
+    **training.VALIDATION_KEYS,
     "precompute_reference": config.Field(bool, required=False),
-    "eval_every_n_steps": config.Field(int | None, required=False),
-    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
     "loss": config.Component(required=False),
 }
 

@@ -17,8 +17,7 @@ from attune import config, quantization, training
 
 SCHEMA = {
     **training.TRAINING_KEYS,
-    "eval_every_n_steps": config.Field(int | None, required=False),
-    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
+    **training.VALIDATION_KEYS,
     "loss": config.Component(required=False),
     "quantization": config.Component(required=False),
     "fake_quant_after_n_steps": config.Field(int | None, required=False),

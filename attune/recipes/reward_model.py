@@ -16,8 +16,7 @@ from attune.errors import ConfigError
 
 SCHEMA = {
     **training.TRAINING_KEYS,
-    "eval_every_n_steps": config.Field(int | None, required=False),
-    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
+    **training.VALIDATION_KEYS,
     "loss": config.Component(required=False),
 }
 

@@ -44,6 +44,7 @@ from attune.training.runtime import (
 from attune.training.setup import (
     MODEL_KEYS,
     TRAINING_KEYS,
+    VALIDATION_KEYS,
     TrainingSetup,
     model_to_use,
     prepare_model,
@@ -69,6 +70,7 @@ __all__ = [
     "MODEL_KEYS",
     "QUANTIZED_FOLDER",
     "TRAINING_KEYS",
+    "VALIDATION_KEYS",
     "AnswerCheck",
     "AnswerLog",
     "AnswerReport",

@@ -66,6 +66,12 @@ TRAINING_KEYS = {
 }
 """The top-level keys every training recipe reads (its schema adds its own)."""
 
+VALIDATION_KEYS = {
+    "eval_every_n_steps": config.Field(int | None, required=False),
+    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
+}
+"""The keys of a recipe that measures held-out data as it trains."""
+
 
 def model_to_use(
     cfg: Any, dtype: torch.dtype, device: torch.device
