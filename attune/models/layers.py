@@ -14,6 +14,7 @@ from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
 from attune.models.masks import DocumentSpans
 from attune.models.rope import apply_rope
+from attune.models.sdpa import scaled_dot_product_attention
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -116,7 +117,7 @@ class Attention(nn.Module):
         if isinstance(mask, DocumentSpans):
             out = mask.attend(q, k, v, self.scale)
         elif self.softcap is None:
-            out = F.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 q,
                 k,
                 v,

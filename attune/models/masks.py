@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from attune.models.sdpa import scaled_dot_product_attention
 
 
 def attention_mask(
@@ -128,7 +129,7 @@ class DocumentSpans:
         gqa = k.shape[1] != q.shape[1]
         pieces: list[tuple[int, int, torch.Tensor]] = []
         for row, start, end in self.spans:
-            out = F.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 q[row : row + 1, :, start:end],
                 k[row : row + 1, :, start:end],
                 v[row : row + 1, :, start:end],
