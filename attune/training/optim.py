@@ -9,6 +9,8 @@ Any ``torch.optim`` optimizer (or another class taking ``params`` first) is a co
 
 When the config sets neither ``fused`` nor ``foreach`` and the optimizer has a fused kernel for
 the parameters' device, the fused one is used (one kernel per step instead of one per tensor).
+For parameters sharded by FSDP2 (DTensors) only Adam's and AdamW's fused kernels are used: the
+others (SGD, Adagrad) have no DTensor rule in torch 2.13 and would fail at the first step.
 
 A schedule is a component too; the recipe passes the optimizer and the number of steps::
 
@@ -26,9 +28,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from attune.config import import_component, instantiate
+
+# fused kernels with a DTensor sharding rule (torch 2.13)
+_FUSED_ON_DTENSORS = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def build_optimizer(node: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> Any:
@@ -47,6 +53,10 @@ def build_optimizer(node: Mapping[str, Any], params: Iterable[torch.nn.Parameter
         and "foreach" not in node
         and devices <= {"cuda", "cpu"}
         and all(param.dtype.is_floating_point for param in params)
+        and (
+            optimizer_class in _FUSED_ON_DTENSORS
+            or not any(isinstance(param, DTensor) for param in params)
+        )
     ):
         extra["fused"] = True
     return instantiate(node, params, **extra)
