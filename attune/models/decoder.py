@@ -8,7 +8,12 @@ from torch import nn
 from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
 from attune.models.layers import DecoderLayer, RMSNorm
-from attune.models.masks import DocumentSpans, attention_mask, positions_from_document_ids
+from attune.models.masks import (
+    DocumentBlockMask,
+    DocumentSpans,
+    attention_mask,
+    positions_from_document_ids,
+)
 from attune.models.rope import RotaryEmbedding
 
 
@@ -102,7 +107,7 @@ class TransformerDecoder(nn.Module):
                 positions = torch.arange(past, past + seq, device=tokens.device).expand(batch, seq)
         rope = self.rotary(positions)
         local_rope = self.rotary_local(positions) if self.rotary_local is not None else rope
-        masks: dict[int | None, torch.Tensor | DocumentSpans | None] = {}
+        masks: dict[int | None, torch.Tensor | DocumentSpans | DocumentBlockMask | None] = {}
         x = self.embed_tokens(tokens)
         if self.config.embed_scale is not None:
             # rounded to the activations' dtype first, as HF does
@@ -116,6 +121,10 @@ class TransformerDecoder(nn.Module):
                     spans = DocumentSpans.from_document_ids(document_ids, padding_mask)
                 if spans is not None:
                     masks[window] = spans
+                elif self._attends_by_blocks(document_ids, past):
+                    masks[window] = DocumentBlockMask.build(
+                        document_ids, padding_mask, effective_window
+                    )
                 else:
                     masks[window] = attention_mask(
                         seq,
@@ -141,6 +150,15 @@ class TransformerDecoder(nn.Module):
             and document_ids.device.type == "cpu"
             and past == 0
             and window is None
+            and self.config.attn_softcap is None
+        )
+
+    def _attends_by_blocks(self, document_ids: torch.Tensor | None, past: int) -> bool:
+        # Flex attention on GPUs (compiled Triton kernels); soft-capped scores keep the mask
+        return (
+            document_ids is not None
+            and document_ids.device.type == "cuda"
+            and past == 0
             and self.config.attn_softcap is None
         )
 

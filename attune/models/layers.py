@@ -12,7 +12,7 @@ from torch import nn
 
 from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
-from attune.models.masks import DocumentSpans
+from attune.models.masks import DocumentBlockMask, DocumentSpans
 from attune.models.rope import apply_rope
 from attune.models.sdpa import scaled_dot_product_attention
 
@@ -89,7 +89,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | DocumentSpans | None,
+        mask: torch.Tensor | DocumentSpans | DocumentBlockMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """
@@ -97,7 +97,8 @@ class Attention(nn.Module):
             x: ``[batch, seq, hidden]``.
             rope: ``(cos, sin)``, each ``[batch, seq, head_dim]``.
             mask: ``[batch or 1, 1, seq, past + seq]`` bool, True where a query may attend a
-                key; None for plain causal attention; or the packed documents' spans.
+                key; None for plain causal attention; or the packed documents' spans or block
+                mask.
             cache: past keys and values; this pass's are added to it.
 
         Returns:
@@ -114,7 +115,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        if isinstance(mask, DocumentSpans):
+        if isinstance(mask, DocumentSpans | DocumentBlockMask):
             out = mask.attend(q, k, v, self.scale)
         elif self.softcap is None:
             out = scaled_dot_product_attention(
@@ -198,7 +199,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | DocumentSpans | None,
+        mask: torch.Tensor | DocumentSpans | DocumentBlockMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``; see :class:`Attention`."""

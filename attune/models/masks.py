@@ -2,16 +2,19 @@
 
 A mask is a bool tensor ``[batch or 1, 1, seq, seq]``: True where query ``i`` may attend key
 ``j``. None stands for plain causal attention, which lets SDPA take its fastest kernels.
-Packed rows on the CPU use :class:`DocumentSpans` instead: causal attention run on each
-document alone, which skips the scores between documents that a mask would compute and
-discard.
+Packed rows skip the scores between documents that a mask would compute and discard: on the
+CPU through :class:`DocumentSpans` (causal attention run on each document alone), on GPUs
+through :class:`DocumentBlockMask` (flex attention over the blocks the mask leaves, compiled).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from attune.models.sdpa import scaled_dot_product_attention
 
@@ -112,6 +115,9 @@ class DocumentSpans:
                 (spans if True in kinds else padding).append((row, begin, end))
         return cls(tuple(spans), tuple(padding))
 
+    # Compiled layers run this eagerly: traced, the spans would be constants, and every new
+    # batch a recompilation (measured: one per step until dynamo's limit, then eager anyway)
+    @torch.compiler.disable
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
@@ -145,3 +151,65 @@ class DocumentSpans:
         for row, _, out in pieces:
             rows[row].append(out)
         return torch.cat([torch.cat(row, dim=2) for row in rows], dim=0)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    # flex attention is only fast compiled (eager, it computes every score); packed rows have
+    # one shape, so one static compilation serves the run
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass(frozen=True)
+class DocumentBlockMask:
+    """The mask of :func:`attention_mask` as flex attention's block mask, for GPUs.
+
+    Flex attention skips the blocks that the mask leaves empty (most of a packed row's square
+    when it holds several documents) and computes the rest with the mask applied, in a compiled
+    kernel, so packed rows cost about their documents' squares with no host sync and no
+    per-document launches.
+
+    Args:
+        block_mask: the flex attention block mask.
+    """
+
+    block_mask: BlockMask
+
+    @classmethod
+    def build(
+        cls,
+        document_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+    ) -> DocumentBlockMask:
+        """The block mask for packed rows, with the semantics of :func:`attention_mask`.
+
+        Args:
+            document_ids: ``[batch, seq]``; a query attends keys of its own document only.
+            padding_mask: ``[batch, seq]`` bool, True for real tokens; nothing attends padding
+                (a padding query attends itself).
+            sliding_window: a query sees only the last ``sliding_window`` positions.
+        """
+        batch, seq = document_ids.shape
+        real = padding_mask.bool() if padding_mask is not None else None
+
+        def allowed(b, h, q, k):
+            keep = (k <= q) & (document_ids[b, q] == document_ids[b, k])
+            if sliding_window is not None:
+                keep = keep & (q - k < sliding_window)
+            if real is not None:
+                keep = keep & real[b, k]
+            return keep | (q == k)
+
+        return cls(create_block_mask(allowed, batch, None, seq, seq, device=document_ids.device))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Attention under the block mask; shapes as :meth:`DocumentSpans.attend`."""
+        compiled = q.device.type == "cuda" and not torch.compiler.is_compiling()
+        # inside a compiled layer flex attention is compiled with it
+        kernel = _compiled_flex_attention() if compiled else flex_attention
+        return kernel(
+            q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )

@@ -77,11 +77,10 @@ def test_padding_documents_give_zeros_and_mixed_padding_falls_back_to_the_mask()
     assert DocumentSpans.from_document_ids(document_ids, mixed) is None
 
 
-def test_a_packed_batch_gives_the_same_logits_through_spans_as_through_the_mask(monkeypatch):
+def _tiny_model_and_packed_batch():
     from attune.data.collate import pack_collate
     from attune.demo.tiny import HF_CONFIG
     from attune.models import from_hf_config
-    from attune.models.masks import DocumentSpans
 
     torch.manual_seed(0)
     model = from_hf_config({**HF_CONFIG, "num_hidden_layers": 2}).eval()
@@ -90,6 +89,13 @@ def test_a_packed_batch_gives_the_same_logits_through_spans_as_through_the_mask(
     ]
     batch = pack_collate([examples[:2], examples[2:]], pad_id=0, max_seq_len=16)
     inputs = {"document_ids": batch["document_ids"], "padding_mask": batch["padding_mask"]}
+    return model, batch, inputs
+
+
+def test_a_packed_batch_gives_the_same_logits_through_spans_as_through_the_mask(monkeypatch):
+    from attune.models.masks import DocumentSpans
+
+    model, batch, inputs = _tiny_model_and_packed_batch()
     assert DocumentSpans.from_document_ids(**inputs) is not None  # the first pass takes spans
     with torch.no_grad():
         per_document = model(batch["tokens"], **inputs)
@@ -97,3 +103,71 @@ def test_a_packed_batch_gives_the_same_logits_through_spans_as_through_the_mask(
         masked = model(batch["tokens"], **inputs)
     real = batch["padding_mask"]
     assert (per_document[real] - masked[real]).abs().max().item() < 1e-5
+
+
+def test_the_flex_block_mask_gives_the_masks_attention():
+    """The GPU path's block mask (run here through eager flex attention, forward only: the CPU
+    has no flex backward) attends as :func:`attention_mask` says, padding and windows too."""
+    from attune.models.masks import DocumentBlockMask, attention_mask
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, seq, dim = 2, 4, 2, 20, 8
+    q = torch.randn(batch, heads, seq, dim, generator=generator)
+    k = torch.randn(batch, kv_heads, seq, dim, generator=generator)
+    v = torch.randn(batch, kv_heads, seq, dim, generator=generator)
+    document_ids = torch.tensor([[0] * 9 + [1] * 7 + [2] * 4, [0] * 14 + [1] * 6])
+    padding = torch.ones(batch, seq, dtype=torch.bool)
+    padding[0, 16:] = padding[1, 14:] = False
+    for padding_mask in (None, padding):
+        for window in (None, 4):
+            options = {"padding_mask": padding_mask, "sliding_window": window}
+            mask = attention_mask(seq, document_ids=document_ids, **options)
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+            )
+            with torch.no_grad():
+                got = DocumentBlockMask.build(document_ids, **options).attend(q, k, v, 0.3)
+            assert (got - want).abs().max().item() < 1e-5, options
+
+
+def test_a_packed_batch_gives_the_same_logits_through_flex_attention(monkeypatch):
+    model, batch, inputs = _tiny_model_and_packed_batch()
+    calls = []
+    real_build = models.masks.DocumentBlockMask.build
+    monkeypatch.setattr(
+        models.masks.DocumentBlockMask,
+        "build",
+        lambda *args: calls.append(1) or real_build(*args),
+    )
+    with torch.no_grad():
+        monkeypatch.setattr(model, "_attends_per_document", lambda *args: False)
+        masked = model(batch["tokens"], **inputs)
+        monkeypatch.setattr(model, "_attends_by_blocks", lambda *args: True)
+        blocks = model(batch["tokens"], **inputs)
+    assert calls  # the second pass took the block mask
+    assert (blocks - masked).abs().max().item() < 1e-5
+
+
+def test_compiled_layers_do_not_recompile_for_each_packing(monkeypatch):
+    """The spans differ from batch to batch; traced, each batch would be a new graph (measured:
+    a recompilation per step up to dynamo's limit)."""
+    import torch._dynamo
+
+    from attune.data.collate import pack_collate
+
+    model, _, _ = _tiny_model_and_packed_batch()
+    for layer in model.layers:
+        layer.compile(backend="eager")  # dynamo's guards alone decide recompilation
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for lengths in ((7, 4, 5), (3, 3, 10), (16,)):
+        examples = [
+            {"tokens": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in lengths
+        ]
+        batch = pack_collate([examples], pad_id=0, max_seq_len=16)
+        with torch.no_grad():
+            model(
+                batch["tokens"],
+                document_ids=batch["document_ids"],
+                padding_mask=batch["padding_mask"],
+            )
