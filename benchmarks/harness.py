@@ -33,6 +33,23 @@ from typing import Any
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
+def recipe_config(
+    model_dir: Path, dataset: dict[str, Any], folder: Path, **settings: Any
+) -> dict[str, Any]:
+    """A fine-tuning config for a benchmark: the model folder (and its tokenizer), the
+    ``dataset`` component, seed 0, no checkpoints during the run, and ``settings`` on top."""
+    return {
+        "base": "_bases/sft",
+        "output_dir": str(folder / "unused"),
+        "model": {"_component_": "attune.models.from_pretrained", "path": str(model_dir)},
+        "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(model_dir)},
+        "dataset": dataset,
+        "seed": 0,
+        "checkpointer": {"save_every_n_steps": None},
+        **settings,
+    }
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     """The per-step records of a run (a closing evaluation line has no ``loss``: left out)."""
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from attune.checkpoint import write_safetensors
-from attune.models import from_hf_config
-from attune.models.families import family_of
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.random_checkpoint import write_random_checkpoint
 
 
 def _status(field: str) -> int:
@@ -49,17 +49,7 @@ def write_checkpoint(folder: Path, layers: int, shard_mb: int) -> int:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
-    with torch.device("meta"):
-        model = from_hf_config(hf_config)
-    generator = torch.Generator().manual_seed(0)
-    state = {
-        name: torch.randn(t.shape, generator=generator).to(torch.bfloat16) * 0.02
-        for name, t in model.state_dict().items()
-    }
-    tensors = family_of(hf_config).state_to_hf(state, model.config)
-    write_safetensors(tensors, folder, max_shard_bytes=shard_mb * 10**6)
-    (folder / "config.json").write_text(json.dumps(hf_config))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return write_random_checkpoint(folder, hf_config, shard_mb)
 
 
 def measure(folder: str, dtype: str) -> dict[str, float]:

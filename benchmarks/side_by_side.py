@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import run_and_measure
+from benchmarks.harness import recipe_config, run_and_measure
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchors"
 STEPS = 60
@@ -53,6 +53,8 @@ ATTUNE = {
     "lora_packed_bf16_autocast": ("lora", ["dataset.packed=true", "autocast=bf16"]),
     "full_packed_fp32_compiled": ("full", ["dataset.packed=true", "compile=true"]),
     "lora_packed_fp32_compiled": ("lora", ["dataset.packed=true", "compile=true"]),
+    "full_packed_bf16_compiled": ("full", ["dataset.packed=true", "dtype=bf16", "compile=true"]),
+    "lora_packed_bf16_compiled": ("lora", ["dataset.packed=true", "dtype=bf16", "compile=true"]),
 }
 ANCHOR_IDS = (
     "tt_full_fp32",
@@ -72,35 +74,30 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def attune_config(work: Path, method: str, folder: Path) -> Path:
     """attune's config for the anchors' setting (see the module docstring)."""
-    config = {
-        "base": "_bases/lora" if method == "lora" else "_bases/sft",
-        "output_dir": str(folder / "unused"),
-        "model": {"_component_": "attune.models.from_pretrained", "path": str(work / "model")},
-        "tokenizer": {
-            "_component_": "attune.tokenizer.from_pretrained",
-            "path": str(work / "model"),
-        },
-        # the rows torchtune reads: {input: the prompt, output: the reply}
-        "dataset": {
-            "_component_": "attune.data.instruct_dataset",
-            "source": str(work / "data_io.jsonl"),
-            "column_map": {"prompt": "input", "completion": "output"},
-            "max_seq_len": 512,
-            "cache_dir": str(folder / "hf"),
-        },
-        "seed": 0,
-        "device": "cpu",
-        "dtype": "fp32",
-        "batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "clip_grad_norm": None,
-        "optimizer": {"_component_": "torch.optim.AdamW", "fused": True, "lr": 2.0e-5},
-        "lr_scheduler": {
+    # the rows torchtune reads: {input: the prompt, output: the reply}
+    dataset = {
+        "_component_": "attune.data.instruct_dataset",
+        "source": str(work / "data_io.jsonl"),
+        "column_map": {"prompt": "input", "completion": "output"},
+        "max_seq_len": 512,
+        "cache_dir": str(folder / "hf"),
+    }
+    config = recipe_config(
+        work / "model",
+        dataset,
+        folder,
+        base="_bases/lora" if method == "lora" else "_bases/sft",
+        device="cpu",
+        dtype="fp32",
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        clip_grad_norm=None,
+        optimizer={"_component_": "torch.optim.AdamW", "fused": True, "lr": 2.0e-5},
+        lr_scheduler={
             "_component_": "attune.training.constant_with_warmup",
             "num_warmup_steps": 0,
         },
-        "checkpointer": {"save_every_n_steps": None},
-    }
+    )
     config["optimizer"]["weight_decay"] = 0.0
     if method == "lora":
         config["lora"] = {"rank": 8, "alpha": 16, "target_modules": LORA_TARGETS}
