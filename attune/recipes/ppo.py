@@ -113,18 +113,17 @@ def train(cfg, run):
         # 2. Scores, per-token rewards, advantages (no gradients)
         with torch.no_grad():
             hidden = rl.response_hidden(policy, rollout, run.precision())
-            old_logprobs, entropy = rl.response_logprobs(
-                policy, rollout, with_entropy=True, hidden=hidden
-            )
             with frozen.reference(policy) as model:
                 adapters = (
                     peft.disabled_adapters(model) if adapters_off else contextlib.nullcontext()
                 )
                 with adapters:
                     ref_hidden = rl.response_hidden(model, rollout, run.precision())
-                    ref_logprobs, _ = rl.response_logprobs(model, rollout, hidden=ref_hidden)
                 head = frozen.head_of(model)
-                kl_vocab = rl.response_kl(hidden, ref_hidden, rollout, policy.output, head)
+                # the policy's and reference's heads projected once for all four
+                scored = rl.score_rollout(hidden, ref_hidden, rollout, policy.output, head)
+            old_logprobs, ref_logprobs = scored.logprobs, scored.reference_logprobs
+            entropy, kl_vocab = scored.entropy, scored.kl_vocab
             old_values = rl.response_values(value, rollout, run.precision)
             completions = tokenizer.decode_batch(
                 rollout.responses.tolist(), skip_special_tokens=True
@@ -223,7 +222,7 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
     )  # fmt: skip
     tokens = batch["response_mask"]
     hidden = rl.response_hidden(policy, sample, precision())
-    logprobs, _ = rl.response_logprobs(policy, sample, hidden=hidden)
+    logprobs = rl.response_logprobs(policy, sample, hidden=hidden)
     policy_loss, policy_stats = rl.clipped_policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], tokens, settings.clip_ratio
     )

@@ -41,11 +41,13 @@ from attune.rl.reward_model import (
 from attune.rl.reward_sources import FunctionReward, ModelReward
 from attune.rl.rollout import (
     Rollout,
+    RolloutScores,
     generate_rollout,
     response_hidden,
     response_kl,
     response_logprobs,
     response_values,
+    score_rollout,
     sequence_end_scores,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "RewardObjective",
     "RobustDPOLoss",
     "Rollout",
+    "RolloutScores",
     "SigmoidDPOLoss",
     "SimPOLoss",
     "clipped_policy_loss",
@@ -86,6 +89,7 @@ __all__ = [
     "response_kl",
     "response_logprobs",
     "response_values",
+    "score_rollout",
     "sequence_end_positions",
     "sequence_end_scores",
     "sequence_logprobs",

@@ -35,8 +35,8 @@ def _by_chunks(
             pieces.append(checkpoint(function, *chunk, use_reentrant=False))
         else:
             pieces.append(function(*chunk))
-    if not pieces:
-        return rows[0].new_zeros((0,), dtype=torch.float32)
+    if not pieces:  # no positions: the function's own empty result, of the right shape
+        return function(*(tensor[:0] for tensor in rows), *constants)
     return torch.cat(pieces)
 
 
@@ -100,6 +100,59 @@ def token_kl(
         ``[n]`` fp32 divergences.
     """
     return _by_chunks(_chunk_kl, (hidden, reference_hidden), (output, reference_output), chunk_size)
+
+
+def _chunk_statistics(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    log_p = output(hidden).float().log_softmax(-1)
+    log_q = reference_output(reference_hidden).float().log_softmax(-1)
+    p = log_p.exp()
+    picked = targets[:, None]
+    return torch.stack(
+        [
+            log_p.gather(-1, picked).squeeze(-1),
+            log_q.gather(-1, picked).squeeze(-1),
+            -(p * log_p).sum(-1),
+            (p * (log_p - log_q)).sum(-1),
+        ],
+        dim=-1,
+    )
+
+
+@torch.no_grad()
+def token_statistics(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """A policy's and its reference's view of sampled tokens, each head projected once.
+
+    Args:
+        hidden: ``[n, hidden]`` the policy's final hidden states at the positions that predict
+            ``targets``.
+        reference_hidden: ``[n, reference_hidden]`` the reference's, at the same positions.
+        targets: ``[n]`` token ids.
+        output, reference_output: their output heads (``[n, hidden]`` -> ``[n, vocab]``).
+        chunk_size: positions projected at once.
+
+    Returns:
+        ``[n, 4]`` fp32, no gradient: the policy's log-probability of each target, the
+        reference's, the policy's entropy, and KL(policy || reference) over the vocabulary.
+    """
+    return _by_chunks(
+        _chunk_statistics,
+        (hidden, reference_hidden, targets),
+        (output, reference_output),
+        chunk_size,
+    )
 
 
 def sequence_logprobs(

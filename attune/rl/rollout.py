@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from attune.models import generate
-from attune.rl.logprobs import token_kl, token_logprobs
+from attune.rl.logprobs import token_kl, token_logprobs, token_statistics
 
 
 @dataclass
@@ -156,36 +156,63 @@ def response_logprobs(
     model: torch.nn.Module,
     rollout: Rollout,
     precision: Callable[[], contextlib.AbstractContextManager] | None = None,
-    with_entropy: bool = False,
     chunk_size: int = 1024,
     *,
     hidden: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Each response token's log-probability under ``model``, ``[batch, response_len]`` fp32
     (0 past a response's end), projected to the vocabulary only where there are response
-    tokens; with ``with_entropy`` also the next-token distribution's entropy there (no
-    gradient), else None. ``hidden``: the model's :func:`response_hidden`, when already
-    computed."""
+    tokens. ``hidden``: the model's :func:`response_hidden`, when already computed."""
     if hidden is None:
         hidden = response_hidden(model, rollout, precision() if precision is not None else None)
     mask = rollout.response_mask
-    selected = hidden[mask]
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    logprobs = logprobs.masked_scatter(
-        mask, token_logprobs(selected, rollout.responses[mask], model.output, chunk_size)
+    return logprobs.masked_scatter(
+        mask, token_logprobs(hidden[mask], rollout.responses[mask], model.output, chunk_size)
     )
-    if not with_entropy:
-        return logprobs, None
-    entropy = torch.zeros_like(logprobs)
-    with torch.no_grad():
-        pieces = []
-        for start in range(0, selected.shape[0], chunk_size):
-            logits = model.output(selected[start : start + chunk_size]).float()
-            log_p = logits.log_softmax(-1)
-            pieces.append(-(log_p.exp() * log_p).sum(-1))
-        if pieces:
-            entropy = entropy.masked_scatter(mask, torch.cat(pieces))
-    return logprobs, entropy
+
+
+@dataclass(frozen=True)
+class RolloutScores:
+    """What a rollout's response tokens are worth to the policy and its reference, each
+    ``[batch, response_len]`` fp32, 0 past a response's end."""
+
+    logprobs: torch.Tensor
+    reference_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    kl_vocab: torch.Tensor
+
+
+def score_rollout(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    rollout: Rollout,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    reference_output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> RolloutScores:
+    """The policy's and the reference's log-probabilities of the sampled tokens, the policy's
+    entropy and the exact KL to the reference at every response position, with each output
+    head projected once (no gradient).
+
+    Args:
+        hidden, reference_hidden: the policy's and the reference's :func:`response_hidden`.
+        rollout: the rollout they score.
+        output, reference_output: their output heads.
+        chunk_size: positions projected at once.
+    """
+    mask = rollout.response_mask
+    statistics = token_statistics(
+        hidden[mask],
+        reference_hidden[mask],
+        rollout.responses[mask],
+        output,
+        reference_output,
+        chunk_size,
+    )
+    empty = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    columns = [empty.masked_scatter(mask, statistics[:, index]) for index in range(4)]
+    return RolloutScores(*columns)
 
 
 def response_kl(

@@ -69,16 +69,37 @@ def test_cached_rollout_equals_uncached_greedy_generation(model):
 def test_rollout_scores_equal_each_row_scored_alone(model):
     stops = stop_tokens_that_end_rows_early(model)
     rollout = rl.generate_rollout(model, PROMPTS, 8, temperature=0.0, stop_tokens=stops, pad_id=0)
-    logprobs, entropy = rl.response_logprobs(model, rollout, with_entropy=True)
+    logprobs = rl.response_logprobs(model, rollout)
+    torch.manual_seed(1)
+    reference = models.from_hf_config(CONFIG).eval()
+    with torch.no_grad():
+        hidden = rl.response_hidden(model, rollout)
+        ref_hidden = rl.response_hidden(reference, rollout)
+    scored = rl.score_rollout(
+        hidden, ref_hidden, rollout, model.output, reference.output, chunk_size=3
+    )
+    # the update phase's own figure (projected in other chunks: rounding only)
+    assert torch.allclose(scored.logprobs, logprobs.detach(), atol=1e-6)
     for row, prompt in enumerate(PROMPTS):
         n = int(rollout.response_lengths[row])
         sequence = torch.tensor([prompt + rollout.responses[row, :n].tolist()])
+        targets = sequence[0, len(prompt) :, None]
         with torch.no_grad():
             log_p = model(sequence)[0, len(prompt) - 1 : -1].log_softmax(-1)
-        alone = log_p.gather(-1, sequence[0, len(prompt) :, None]).squeeze(-1)
+            log_q = reference(sequence)[0, len(prompt) - 1 : -1].log_softmax(-1)
+        alone = log_p.gather(-1, targets).squeeze(-1)
         assert torch.allclose(logprobs[row, :n], alone, atol=1e-5)
-        assert torch.allclose(entropy[row, :n], -(log_p.exp() * log_p).sum(-1), atol=1e-5)
-        assert logprobs[row, n:].abs().sum() == 0
+        assert torch.allclose(
+            scored.reference_logprobs[row, :n], log_q.gather(-1, targets).squeeze(-1), atol=1e-5
+        )
+        assert torch.allclose(scored.entropy[row, :n], -(log_p.exp() * log_p).sum(-1), atol=1e-5)
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Categorical(logits=log_p),
+            torch.distributions.Categorical(logits=log_q),
+        )
+        assert torch.allclose(scored.kl_vocab[row, :n], kl, atol=1e-5)
+        for column in (logprobs, *vars(scored).values()):
+            assert column[row, n:].abs().sum() == 0
 
 
 def test_response_kl_is_torch_distributions_kl_at_each_position(model):
