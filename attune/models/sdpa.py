@@ -80,7 +80,7 @@ def scaled_dot_product_attention(
                 enable_gqa=enable_gqa,
             )
         return out.to(dtype)
-    if _pads_lengths(q, k):
+    if _pads_lengths(q, k, v):
         return padded_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
@@ -89,13 +89,13 @@ def scaled_dot_product_attention(
     )
 
 
-def _pads_lengths(q: torch.Tensor, k: torch.Tensor) -> bool:
+def _pads_lengths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     # only the backward keeps memory per length, so inference runs unpadded
     return (
         q.device.type == "cpu"
         and q.dtype in _REDUCED
         and torch.is_grad_enabled()
-        and q.requires_grad
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
         and q.shape[2] == k.shape[2]
         and q.shape[2] % LENGTH_BUCKET != 0
     )
