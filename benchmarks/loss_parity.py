@@ -14,7 +14,7 @@ side-by-side settings (same checkpoint, batch 4, seed 0, fused AdamW lr 2e-5 con
 torchtune's full fp32 anchor, and prints both loss curves step by step with their largest
 difference.
 
-    python benchmarks/loss_parity.py [--steps 60] [--work /tmp/anchors-work]
+    python benchmarks/loss_parity.py [--steps N<=60] [--work /tmp/anchors-work]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.side_by_side import (
     ANCHORS,
+    STEPS,
     anchors_venv,
     attune_config,
     prepare_anchor_inputs,
@@ -126,9 +127,11 @@ def attune_losses(work: Path, rows: Path, steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"at most {STEPS}, the anchors'")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "anchors-work")
     args = parser.parse_args()
+    if not 1 <= args.steps <= STEPS:
+        parser.error(f"--steps must be between 1 and {STEPS} (the anchors run {STEPS} steps)")
     prepare_anchor_inputs(args.work)
     rows = dump_torchtune_rows(args.work)
     ours = attune_losses(args.work, rows, args.steps)
