@@ -46,21 +46,33 @@ def format_user_error(error: AttuneError, prefix: str = "error") -> str:
 def exit_on_user_error(prefix: str = "error") -> Iterator[None]:
     """Turn an :class:`AttuneError` into its message on stderr and ``exit(1)``.
 
-    A ``KeyboardInterrupt`` that reaches here exits with status 130 and no traceback; code
-    that must save work on an interrupt handles it before it gets this far.
+    A ``KeyboardInterrupt`` that reaches here exits with status 130 and no traceback, with its
+    message when it has one (where a training run stopped); code that must save work on an
+    interrupt handles it before it gets this far.
     """
     try:
         yield
     except AttuneError as error:
         if debug_enabled():
             traceback.print_exc()
+        _close_progress_bars()
         print(format_user_error(error, prefix), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if debug_enabled():
             traceback.print_exc()
-        print(f"{prefix}: interrupted", file=sys.stderr, flush=True)
+        _close_progress_bars()
+        print(f"{prefix}: {str(interrupt) or 'interrupted'}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars still drawn (a run stopped mid-way), so that the message gets a
+    line of its own instead of continuing the bar's."""
+    module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 class CheckpointError(AttuneError):

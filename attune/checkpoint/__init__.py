@@ -1,4 +1,6 @@
-"""Checkpoint storage: reading and writing safetensors weights in the Hugging Face layout.
+"""Checkpoint storage: reading and writing safetensors weights in the Hugging Face layout,
+manifests that catch a damaged file before a resume (:mod:`attune.checkpoint.manifest`), and
+reading sharded checkpoints without running their code (:mod:`attune.checkpoint.sharded`).
 
 This package knows files, not models: :mod:`attune.models` maps the tensors it reads onto a
 decoder.

@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from attune.cli.catalog import recipe_schema, recipe_script
 from attune.config import check, load_config, recipe_arguments
+from attune.config.allowlist import IMPORTS_KEY, trust_run
 from attune.errors import AttuneError
 
 USAGE = (
@@ -106,10 +107,12 @@ def run_command(argv: list[str]) -> int:
     token = launcher_args.training_script
     script = recipe_script(token)
     script_args = list(launcher_args.training_script_args)
-    config_name, overrides = recipe_arguments(script_args, prog=f"tune run {token}")
+    config_name, overrides, allowed = recipe_arguments(script_args, prog=f"tune run {token}")
     if not launched:
         return _run_in_process(script, script_args)
     # Check once here, before any worker starts.
-    check(load_config(config_name, overrides), recipe_schema(script))
+    cfg = load_config(config_name, overrides)
+    trust_run(cfg.get(IMPORTS_KEY), allowed, script)
+    check(cfg, recipe_schema(script))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return _launch(launcher_args, script)

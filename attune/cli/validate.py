@@ -12,6 +12,7 @@ import argparse
 
 from attune.cli.catalog import recipe_schema, recipe_script, recipes_of_config
 from attune.config import load_config, raise_problems, validate
+from attune.config.allowlist import IMPORTS_KEY, trust_run
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("config", help="built-in config name (tiny/lora) or YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value to set, ~key to delete")
     parser.add_argument("--recipe", help="recipe name or file whose keys the config must fit")
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let components come from this module of yours (as the config's imports: list)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -32,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         scripts = [recipe_script(args.recipe)]
     else:
         scripts = sorted({r.path for r in recipes_of_config(args.config)})
+    trust_run(cfg.get(IMPORTS_KEY), args.allow_import, scripts[0] if args.recipe else None)
     schemas = [recipe_schema(script) for script in scripts] or [None]
     problems: list[str] = []
     for schema in schemas:

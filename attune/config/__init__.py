@@ -13,10 +13,11 @@ Typical use in a recipe::
 from attune.config.files import BUILTIN_CONFIG_DIR, builtin_config_names, resolve_config
 from attune.config.instantiate import import_component, instantiate, is_component
 from attune.config.loading import load_config, source_of
-from attune.config.parse import find_recipe_entry, parse, recipe_arguments
+from attune.config.parse import RecipeArguments, find_recipe_entry, parse, recipe_arguments
 from attune.config.validation import (
     Component,
     ExistingPath,
+    Expects,
     Field,
     Schema,
     check,
@@ -28,7 +29,9 @@ __all__ = [
     "BUILTIN_CONFIG_DIR",
     "Component",
     "ExistingPath",
+    "Expects",
     "Field",
+    "RecipeArguments",
     "Schema",
     "builtin_config_names",
     "check",

@@ -1,7 +1,7 @@
 """Building objects from config nodes: ``{_component_: dotted.path, **arguments}``.
 
-A node's ``_component_`` names any importable callable (a class, a function, a builder).
-Its other keys are the call's keyword arguments; nested component nodes, in mappings or
+A node's ``_component_`` names a callable (a class, a function, a builder) inside the
+allow-list of :mod:`attune.config.allowlist`: a config cannot name ``os.system``. Its other keys are the call's keyword arguments; nested component nodes, in mappings or
 lists, are built first, depth first. ``_partial_: true`` returns a ``functools.partial``
 instead of calling, for components the recipe calls later with more arguments (an optimizer
 given its parameters). Keyword arguments passed to :func:`instantiate` are added at call time
@@ -19,8 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from attune.config.allowlist import REMOTE_CODE_KEY, refusal, refusal_of_object
 from attune.config.files import COMPONENT_KEY
-from attune.errors import ConfigError
+from attune.errors import AttuneError, ConfigError
 from attune.suggest import did_you_mean
 
 PARTIAL_KEY = "_partial_"
@@ -55,11 +56,15 @@ def import_component(path: Any) -> Any:
     """Import the object a ``_component_`` names, e.g. ``torch.optim.AdamW``.
 
     Raises:
-        ConfigError: the path is not a string, no module or attribute by that name exists
+        ConfigError: the path is not a string, lies outside the allow-list
+            (:mod:`attune.config.allowlist`), no module or attribute by that name exists
             (with the closest name as a hint), or the module fails while importing.
     """
     if not isinstance(path, str) or not path or path.startswith(".") or ".." in path:
         raise ConfigError(f"'{path}' is not a dotted import path like 'torch.optim.AdamW'")
+    refused = refusal(path)
+    if refused is not None:
+        raise ConfigError(refused)
     parts = path.split(".")
     obj: Any = _import_module(parts[0], path, missing_ok=True)
     if obj is None:
@@ -82,6 +87,9 @@ def import_component(path: Any) -> Any:
         obj = submodule
     if not callable(obj):
         raise ConfigError(f"'{path}' is a {type(obj).__name__}, not a class or function")
+    refused = refusal_of_object(path, obj)
+    if refused is not None:
+        raise ConfigError(refused)
     return obj
 
 
@@ -118,6 +126,11 @@ def _call(path: Any, args: tuple, kwargs: dict[str, Any], partial: bool, where: 
         component = import_component(path)
     except ConfigError as error:
         raise ConfigError(f"{where}._component_: {error}") from None
+    if kwargs.get(REMOTE_CODE_KEY):
+        raise ConfigError(
+            f"{where}.{REMOTE_CODE_KEY}: attune never runs code from a checkpoint or dataset "
+            "folder; remove it"
+        )
     signature = signature_of(component)
     if signature is not None:
         try:
@@ -129,7 +142,14 @@ def _call(path: Any, args: tuple, kwargs: dict[str, Any], partial: bool, where: 
             raise ConfigError(f"{where}: {path}: {error}") from None
     if partial:
         return functools.partial(component, *args, **kwargs)
-    return component(*args, **kwargs)
+    try:
+        return component(*args, **kwargs)
+    except AttuneError:
+        raise
+    except ValueError as error:
+        # a component refusing a value the config gave it (torch.optim's "Invalid learning
+        # rate"): the user's to fix, so one line naming the key, not a traceback
+        raise ConfigError(f"{where}: {path}: {error}") from error
 
 
 def _node_key(node: Any) -> str:

@@ -45,14 +45,17 @@ def _mapping_key(mapping: dict[Any, Any], part: str) -> Any:
     return int(part) if part.isdigit() and int(part) in mapping else part
 
 
-def _child(container: Any, part: str, override: str, dotted: str, create: bool) -> Any:
+def _child(container: Any, part: str, override: str, dotted: str, create: SourceMap | None) -> Any:
+    """The node at ``part`` of ``container``; a missing mapping is created when ``create`` is
+    given (the source map, which then credits the new key to the override)."""
     if isinstance(container, dict):
         part = _mapping_key(container, part)
         if part not in container:
-            if not create:
+            if create is None:
                 hint = did_you_mean(part, container)
                 raise ConfigError(f"override '{override}': no key '{dotted}' in the config{hint}")
             container[part] = {}
+            create[dotted] = f"command line '{override}'"
         return container[part]
     if isinstance(container, list) and part.isdigit():
         index = int(part)
@@ -78,10 +81,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], sources: Sou
         parts = key.split(".")
         parent: Any = data
         for depth, part in enumerate(parts[:-1]):
-            parent = _child(parent, part, override, ".".join(parts[: depth + 1]), text is not None)
+            dotted = ".".join(parts[: depth + 1])
+            parent = _child(parent, part, override, dotted, sources if text is not None else None)
         last = parts[-1]
         if isinstance(parent, list):
-            _child(parent, last, override, key, create=False)  # bounds and type check
+            _child(parent, last, override, key, create=None)  # bounds and type check
             last_key: Any = int(last)
         elif isinstance(parent, dict):
             last_key = _mapping_key(parent, last)

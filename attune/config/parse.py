@@ -19,13 +19,15 @@ it with one line.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
+from attune.config.allowlist import IMPORTS_KEY, trust_run
 from attune.config.loading import load_config
 from attune.config.validation import Schema, check
 from attune.errors import DEBUG_ENV, ConfigError, exit_on_user_error
@@ -34,27 +36,43 @@ RecipeMain = Callable[[DictConfig], Any]
 RECIPE_MARK = "__attune_recipe__"
 
 
-def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> tuple[str, list[str]]:
-    """Split a recipe's arguments into the config name and the overrides, in any order.
+class RecipeArguments(NamedTuple):
+    """A recipe's command line: the config, its overrides, and ``--allow-import`` modules."""
+
+    config: str
+    overrides: list[str]
+    allowed_imports: list[str]
+
+
+_VALUE_OPTIONS = {"--config": "a config name or file", "--allow-import": "a module name"}
+
+
+def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> RecipeArguments:
+    """Split a recipe's arguments into the config name, the overrides and the modules
+    ``--allow-import`` trusts (see :mod:`attune.config.allowlist`), in any order.
 
     Raises:
-        ConfigError: ``--config`` is missing or given no value, or an unknown option is given.
+        ConfigError: ``--config`` is missing, an option is given no value, or an unknown
+            option is given.
     """
-    usage = f"usage: {prog} --config NAME-OR-FILE [key=value ...] [~key ...]"
-    config: str | None = None
+    usage = (
+        f"usage: {prog} --config NAME-OR-FILE [--allow-import MODULE] [key=value ...] [~key ...]"
+    )
+    values: dict[str, list[str]] = {option: [] for option in _VALUE_OPTIONS}
     overrides: list[str] = []
     tokens = list(argv)
     index = 0
     while index < len(tokens):
         token = tokens[index]
-        if token == "--config":
-            if index + 1 == len(tokens):
-                raise ConfigError(f"{prog}: --config needs a config name or file; {usage}")
-            config = tokens[index + 1]
+        if token in _VALUE_OPTIONS:
+            if index + 1 == len(tokens) or tokens[index + 1].startswith("-"):
+                raise ConfigError(f"{prog}: {token} needs {_VALUE_OPTIONS[token]}; {usage}")
+            values[token].append(tokens[index + 1])
             index += 2
             continue
-        if token.startswith("--config="):
-            config = token.split("=", 1)[1]
+        option = token.split("=", 1)[0]
+        if option in _VALUE_OPTIONS and "=" in token:
+            values[option].append(token.split("=", 1)[1])
         elif token.startswith("-"):
             raise ConfigError(
                 f"{prog}: unknown option {token}; a recipe takes --config and key=value "
@@ -63,9 +81,10 @@ def recipe_arguments(argv: Sequence[str], prog: str = "recipe") -> tuple[str, li
         else:
             overrides.append(token)
         index += 1
+    config = values["--config"][-1] if values["--config"] else ""
     if not config:
         raise ConfigError(f"{prog}: --config is required; {usage}")
-    return config, overrides
+    return RecipeArguments(config, overrides, values["--allow-import"])
 
 
 def _error_prefix() -> str:
@@ -93,8 +112,9 @@ def parse(schema: Schema | RecipeMain | None = None) -> Any:
                 if "--debug" in arguments:  # `python recipe.py ... --debug`
                     arguments = [a for a in arguments if a != "--debug"]
                     os.environ[DEBUG_ENV] = "1"
-                name, overrides = recipe_arguments(arguments, prog)
+                name, overrides, allowed = recipe_arguments(arguments, prog)
                 cfg = load_config(name, overrides)
+                trust_run(cfg.get(IMPORTS_KEY), allowed, inspect.getfile(recipe_main))
                 check(cfg, schema)
                 return recipe_main(cfg)
 

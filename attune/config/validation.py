@@ -23,12 +23,13 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from attune.config.allowlist import IMPORTS_KEY, module_names, remote_code_refusals
 from attune.config.files import COMPONENT_KEY, iter_paths
 from attune.config.instantiate import (
     PARTIAL_KEY,
@@ -49,10 +50,33 @@ class Field:
     Args:
         type: the expected type (``int``, ``float | None``, ``Literal["a", "b"]``, ...).
         required: whether the config must give it; optional keys have a default in the recipe.
+        minimum: the smallest number it may be (None: no bound).
     """
 
     type: Any = object
     required: bool = True
+    minimum: float | None = None
+
+
+@dataclass(frozen=True)
+class Expects:
+    """What the object built for a component slot must offer, checked on the component's
+    class (or a builder's annotated return type) before the run starts, so that a loss of
+    the wrong kind is one line naming the key instead of an ``AttributeError`` mid-run.
+
+    Args:
+        what: what the slot holds, for messages ("a preference loss").
+        attributes: names the object must have (``log``, ``uses_reference``).
+        positional: how many positional arguments calling the object takes, or None.
+        keywords: keyword arguments calling the object passes besides those.
+        minimums: the smallest value of numeric arguments the config gives (``{"lr": 0}``).
+    """
+
+    what: str
+    attributes: tuple[str, ...] = ()
+    positional: int | None = None
+    keywords: tuple[str, ...] = ()
+    minimums: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,10 +86,60 @@ class Component:
     Args:
         required: whether the config must give it (an optional one may be absent or null).
         provided: argument names the recipe passes at call time, so the config need not.
+        expects: what the built object must offer (None: anything).
     """
 
     required: bool = True
     provided: tuple[str, ...] = ()
+    expects: Expects | None = None
+
+
+def _built_class(component: Any) -> type | None:
+    """The class of what a component builds: itself if a class, else a builder's annotated
+    return class; None when that cannot be told."""
+    if inspect.isclass(component):
+        return component
+    returned = _type_hints(component).get("return")
+    return returned if inspect.isclass(returned) else None
+
+
+def _call_signature(cls: type) -> inspect.Signature | None:
+    """The signature of calling an instance of ``cls`` (``forward`` for a torch module),
+    without ``self``; None when instances are not callable or Python cannot tell."""
+    target = next((vars(k)["__call__"] for k in cls.__mro__[:-1] if "__call__" in vars(k)), None)
+    if target is None:
+        return None
+    if any(
+        k.__module__ == "torch.nn.modules.module" and k.__name__ == "Module" for k in cls.__mro__
+    ):
+        target = getattr(cls, "forward", target)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())[1:]  # self
+    return signature.replace(parameters=parameters)
+
+
+def slot_problem(component: Any, path: str, expects: Expects) -> str | None:
+    """Why the object ``component`` builds does not fit a slot, or None."""
+    cls = _built_class(component)
+    if cls is None:
+        return None
+    missing = [name for name in expects.attributes if not hasattr(cls, name)]
+    if missing:
+        return f"{path} is not {expects.what} (it has no {', '.join(map(repr, missing))})"
+    if expects.positional is None:
+        return None
+    signature = _call_signature(cls)
+    if signature is None and "__call__" not in expects.attributes:
+        return f"{path} is not {expects.what} (its objects cannot be called)"
+    try:
+        if signature is not None:
+            signature.bind(*range(expects.positional), **dict.fromkeys(expects.keywords))
+    except TypeError as error:
+        return f"{path} is not {expects.what} (calling it fails: {error})"
+    return None
 
 
 class _MustExist:
@@ -162,6 +236,16 @@ def _type_problem(value: Any, annotation: Any, expectation: str) -> str | None:
     return None
 
 
+def below_minimum(value: Any, minimum: float | None, name: str) -> str | None:
+    """Why a number is too small (``'batch_size' must be at least 1, got 0``), or None."""
+    if minimum is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if value >= minimum:
+        return None
+    bound = int(minimum) if float(minimum).is_integer() else minimum
+    return f"{name} must be at least {bound}, got {value}"
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     if len(text) > 60:
@@ -215,6 +299,7 @@ def _check_component(
     key: str,
     provided: tuple[str, ...] | None,
     problems: list[tuple[str, str]],
+    expects: Expects | None = None,
 ) -> None:
     """Check one component node; ``provided`` None means the recipe's call-time arguments are
     unknown, so required arguments the node leaves out are not reported."""
@@ -225,6 +310,15 @@ def _check_component(
     except ConfigError as error:
         problems.append((where, str(error)))
         return
+    if expects is not None:
+        problem = None if node.get(PARTIAL_KEY) else slot_problem(component, path, expects)
+        if problem:
+            problems.append((where, problem))
+            return
+        for name, minimum in expects.minimums.items():
+            problem = below_minimum(node.get(name), minimum, f"{path}'s {name}")
+            if problem:
+                problems.append((f"{key}.{name}", problem))
     signature = signature_of(component)
     if signature is None:
         return
@@ -277,17 +371,19 @@ def _walk_components(
     key: str,
     provided: tuple[str, ...] | None,
     problems: list[tuple[str, str]],
+    expects: Expects | None = None,
 ) -> None:
-    """Check every component under ``node``; ``provided`` as in :func:`_check_component`."""
+    """Check every component under ``node``; ``provided`` and ``expects`` (of the top-level
+    slot, or of each item of a list of them) as in :func:`_check_component`."""
     if isinstance(node, list):
         for index, item in enumerate(node):
-            _walk_components(item, f"{key}.{index}", provided, problems)
+            _walk_components(item, f"{key}.{index}", provided, problems, expects)
         return
     if not isinstance(node, dict):
         return
     component = is_component(node)
     if component:
-        _check_component(node, key, provided, problems)
+        _check_component(node, key, provided, problems, expects)
     for child, value in node.items():
         if child in RESERVED_KEYS:
             continue
@@ -298,21 +394,21 @@ def _walk_components(
 
 def _check_schema(
     tree: dict[str, Any], raw: dict[str, Any], schema: Schema, problems: list[tuple[str, str]]
-) -> dict[str, tuple[str, ...]]:
-    """Check top-level keys against the recipe's schema; return each component's provided args."""
+) -> dict[str, Component]:
+    """Check top-level keys against the recipe's schema; return its component slots."""
     variables = set()
     for _, value in iter_paths(raw):
         if isinstance(value, str):
             variables.update(_INTERPOLATION.findall(value))
     for key in tree:
-        if key not in schema and key not in variables:
+        if key not in schema and key not in variables and key != IMPORTS_KEY:
             hint = did_you_mean(key, schema)
             problems.append((key, f"unknown key '{key}'{hint} (the recipe does not read it)"))
-    provided: dict[str, tuple[str, ...]] = {}
+    slots: dict[str, Component] = {}
     for key, spec in schema.items():
         present = key in tree and tree[key] is not None
         if isinstance(spec, Component):
-            provided[key] = spec.provided
+            slots[key] = spec
             if not present and spec.required:
                 problems.append(("", f"missing component '{key}'; add {key}: {{_component_: ...}}"))
             elif present and tree[key] is not _UNRESOLVED and not _is_component_or_list(tree[key]):
@@ -333,9 +429,10 @@ def _check_schema(
         problem = None
         if tree[key] is not _UNRESOLVED:
             problem = _type_problem(tree[key], field.type, f"'{key}' must be")
+            problem = problem or below_minimum(tree[key], field.minimum, f"'{key}'")
         if problem:
             problems.append((key, problem))
-    return provided
+    return slots
 
 
 def validate(cfg: DictConfig, schema: Schema | None = None) -> list[str]:
@@ -351,11 +448,20 @@ def validate(cfg: DictConfig, schema: Schema | None = None) -> list[str]:
         'lrr'; did you mean 'lr'?"``. Empty when the config is fine.
     """
     found: list[tuple[str, str]] = []
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    # cast: a DictConfig's container is a dict
+    raw = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
     tree = _resolved_tree(cfg, raw, found)
-    provided = _check_schema(tree, raw, schema, found) if schema is not None else {}
+    slots = _check_schema(tree, raw, schema, found) if schema is not None else {}
+    try:
+        module_names(tree.get(IMPORTS_KEY), IMPORTS_KEY)
+    except ConfigError as error:
+        found.append((IMPORTS_KEY, str(error).removeprefix(f"{IMPORTS_KEY}: ")))
+    for key in remote_code_refusals(tree):
+        found.append((key, "attune never runs code from a checkpoint or dataset folder; remove it"))
     for key, value in tree.items():
-        _walk_components(value, str(key), provided.get(key), found)
+        slot = slots.get(key)
+        provided = slot.provided if slot is not None else None
+        _walk_components(value, str(key), provided, found, slot.expects if slot else None)
 
     messages = []
     for key, message in found:

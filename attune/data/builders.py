@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from attune.data.formats import (
     conversation_messages,
     instruction_messages,
+    instruction_texts,
     preference_pair,
+    preference_texts,
     text_of,
 )
 from attune.data.sources import load_rows
 from attune.data.tokenized import (
     ChatEncoder,
+    PlainPreferenceEncoder,
     PreferenceEncoder,
+    PromptCompletionEncoder,
     TextEncoder,
     TokenizedDataset,
     TruncationPolicy,
@@ -68,6 +72,20 @@ def _mask_strategy(mask_strategy: MaskStrategy, train_on_input: bool) -> MaskStr
     return "all" if train_on_input else mask_strategy
 
 
+def _plain_text(tokenizer: Tokenizer, use_chat_template: bool | None) -> bool:
+    """Whether rows are trained as plain text (``prompt + completion + EOS``) rather than
+    rendered with the chat template: when asked (``use_chat_template: false``), and by
+    default when the tokenizer has no template (a base model)."""
+    if use_chat_template not in (None, True, False):
+        raise ConfigError(
+            f"use_chat_template must be true, false or null (null: the chat template when the "
+            f"tokenizer has one), got {use_chat_template!r}"
+        )
+    if use_chat_template is None:
+        return tokenizer.chat_template is None
+    return not use_chat_template
+
+
 def require_chat_template(tokenizer: Tokenizer, what: str = "conversations") -> None:
     """One clear line when a dataset renders ``what`` with a tokenizer that has no template."""
     if tokenizer.chat_template is None:
@@ -105,7 +123,7 @@ def _build(
     encode: Callable[[Mapping[str, Any]], dict[str, list[int]]],
     identity: Mapping[str, Any],
     *,
-    kind: str,
+    kind: Literal["sft", "preference"],
     split: str,
     filter_fn: Callable[[Mapping[str, Any]], bool] | None,
     max_seq_len: int | None,
@@ -161,13 +179,22 @@ def instruct_dataset(
     cache_dir: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
+    use_chat_template: bool | None = None,
 ) -> TokenizedDataset:
     """Instruction data: Alpaca ``instruction``/``input``/``output`` or ``prompt``/``completion``
     rows, each a user turn and the assistant's reply, rendered with the chat template.
 
+    Without a chat template (``use_chat_template: false``, or by default a tokenizer that has
+    none, as a base model's) each row is trained as TRL trains non-conversational
+    prompt/completion rows: the prompt's tokens (with the tokenizer's BOS), the completion's,
+    then EOS, with the loss on the completion and EOS
+    (:meth:`attune.tokenizer.Tokenizer.tokenize_prompt_completion`). The two texts are joined
+    as they are, so the prompt should end with its separator (an Alpaca row's prompt is the
+    instruction, then a blank line and the input when there is one).
+
     Args:
-        tokenizer: the model's tokenizer (with a chat template; the built-in ``alpaca`` one
-            renders the classic Alpaca prompt).
+        tokenizer: the model's tokenizer (the built-in ``alpaca`` chat template renders the
+            classic Alpaca prompt).
         source: a local json/jsonl/csv/parquet/txt file, a folder, or a Hub dataset id.
         split: the split, with ``datasets``' slicing (``train[:95%]``).
         column_map: the dataset's column for each format name (``{"output": "response"}``).
@@ -181,7 +208,22 @@ def instruct_dataset(
         cache_dir: ``datasets``' cache folder (default: its own, ``HF_DATASETS_CACHE``).
         chat_template_kwargs: extra template variables (``enable_thinking``, ...).
         load_kwargs: passed to ``datasets.load_dataset`` (``name``, ``revision``, ...).
+        use_chat_template: render rows with the chat template (true), or train them as plain
+            text, ``prompt + completion + EOS`` (false); null (the default): the chat
+            template when the tokenizer has one, plain text when it has none.
     """
+    if _plain_text(tokenizer, use_chat_template):
+        if system_prompt:
+            raise ConfigError(
+                "system_prompt needs a chat template, and this dataset trains plain text "
+                "(use_chat_template is false, or the tokenizer has no template); put the "
+                "system text in the prompts, or set tokenizer.chat_template"
+            )
+        identity = {"format": "prompt_completion", "column_map": column_map,
+                    "train_on_input": train_on_input}  # fmt: skip
+        to_texts = functools.partial(instruction_texts, column_map=column_map)
+        encode = PromptCompletionEncoder(tokenizer, to_texts, train_on_input)
+        return _build(tokenizer, source, encode, identity, kind="sft", **_shared_options(locals()))
     to_messages = functools.partial(
         instruction_messages, column_map=column_map, system_prompt=system_prompt
     )
@@ -252,6 +294,7 @@ def preference_dataset(
     cache_dir: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
+    use_chat_template: bool | None = None,
 ) -> TokenizedDataset:
     """Preference pairs: ``prompt``/``chosen``/``rejected`` (text or messages), or ``chosen``/
     ``rejected`` conversations with the prompt implicit. Each side is rendered with the chat
@@ -259,12 +302,28 @@ def preference_dataset(
     preference losses compare). A pair is dropped when either side has nothing left to train.
     A ``margin`` column (how much better the chosen reply is) is kept for reward models.
 
+    Without a chat template (``use_chat_template: false``, or by default a tokenizer that has
+    none) text ``prompt``/``chosen``/``rejected`` rows are trained as TRL's DPOTrainer trains
+    non-conversational rows: each side is the prompt's tokens (with the tokenizer's BOS, as a
+    prompt is encoded to generate from; DPOTrainer adds none), the reply's, then EOS, and the
+    reply and EOS carry the log-probabilities.
+
     Args:
         max_seq_len: the longest sequence of either side (None: no limit).
         packed: pack pairs into rows of ``2 * max_seq_len`` tokens, each side a document of
             its own (attention within it only), instead of padding every sequence.
+        use_chat_template: true, false, or null (the default: plain text when the tokenizer
+            has no chat template), as for :func:`instruct_dataset`.
         Others: as for :func:`instruct_dataset`.
     """
+    margin = (column_map or {}).get("margin", "margin")
+    if _plain_text(tokenizer, use_chat_template):
+        identity = {"format": "preference_text", "column_map": column_map}
+        to_texts = functools.partial(preference_texts, column_map=column_map)
+        encode = PlainPreferenceEncoder(tokenizer, to_texts, margin)
+        return _build(
+            tokenizer, source, encode, identity, kind="preference", **_shared_options(locals())
+        )
     require_chat_template(tokenizer)
     to_pair = functools.partial(preference_pair, column_map=column_map)
     template_kwargs = dict(chat_template_kwargs or {})
@@ -276,9 +335,7 @@ def preference_dataset(
     return _build(
         tokenizer,
         source,
-        PreferenceEncoder(
-            tokenizer, to_pair, template_kwargs, (column_map or {}).get("margin", "margin")
-        ),
+        PreferenceEncoder(tokenizer, to_pair, template_kwargs, margin),
         identity,
         kind="preference",
         **_shared_options(locals()),

@@ -11,7 +11,7 @@ document from being trained to predict the first token of the next.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ def _padded(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Ten
 
 
 def pad_collate(
-    examples: Sequence[dict[str, Sequence[int]]], pad_id: int, pad_to_multiple_of: int = 1
+    examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int, pad_to_multiple_of: int = 1
 ) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch.
 

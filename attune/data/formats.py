@@ -11,6 +11,10 @@ tokenizer renders with the model's chat template and masks:
   ``chosen`` / ``rejected`` whole conversations with the prompt implicit;
 * text: ``text``, for continued pre-training (no messages).
 
+Instruction and preference rows whose prompt and replies are text can also skip the chat
+template (:func:`instruction_texts`, :func:`preference_texts`): the dataset builders'
+``use_chat_template: false``, and their default when the tokenizer has no template.
+
 Column names are configurable: ``column_map`` maps a format's name to the dataset's
 (``{"output": "response"}``). A row that does not fit raises :class:`RowError`, which names the
 row and the columns it has; dataset builders add the file.
@@ -70,12 +74,11 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def instruction_messages(
-    row: Mapping[str, Any],
-    column_map: Mapping[str, str] | None = None,
-    system_prompt: str | None = None,
-) -> Messages:
-    """An Alpaca (instruction/input/output) or prompt/completion row as a conversation."""
+def instruction_texts(
+    row: Mapping[str, Any], column_map: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The prompt and the answer of an Alpaca (instruction/input/output) or prompt/completion
+    row, as text."""
     names = column_map or {}
     if _has(row, names.get("prompt", "prompt")) and _has(
         row, names.get("completion", "completion")
@@ -88,6 +91,16 @@ def instruction_messages(
         if extra:
             prompt = f"{prompt}\n\n{_text(extra, 'input')}"
         answer = _text(_column(row, "output", column_map), "output")
+    return prompt, answer
+
+
+def instruction_messages(
+    row: Mapping[str, Any],
+    column_map: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+) -> Messages:
+    """An Alpaca (instruction/input/output) or prompt/completion row as a conversation."""
+    prompt, answer = instruction_texts(row, column_map)
     messages: Messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [
         *messages,
@@ -174,6 +187,26 @@ def preference_pair(
             "last reply (the implicit prompt)"
         )
     return chosen_messages, rejected_messages
+
+
+def preference_texts(
+    row: Mapping[str, Any], column_map: Mapping[str, str] | None = None
+) -> tuple[str, str, str]:
+    """The ``prompt``, ``chosen`` and ``rejected`` texts of a preference row, for training
+    without a chat template.
+
+    Raises:
+        RowError: a column is missing, or holds messages (which need a chat template).
+    """
+    texts = tuple(_column(row, name, column_map) for name in ("prompt", "chosen", "rejected"))
+    for name, value in zip(("prompt", "chosen", "rejected"), texts, strict=True):
+        if not isinstance(value, str):
+            raise RowError(
+                f"{name} is {type(value).__name__}, not text: without a chat template "
+                "(use_chat_template: false, or a tokenizer that has none) prompt, chosen and "
+                "rejected must be text; set tokenizer.chat_template to train conversations"
+            )
+    return texts  # type: ignore[return-value]
 
 
 def text_of(row: Mapping[str, Any], column_map: Mapping[str, str] | None = None) -> str:

@@ -36,6 +36,15 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read only as far as the first other byte)."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 def load_rows(
     source: str,
     *,
@@ -71,6 +80,8 @@ def load_rows(
                 raise DataError(
                     f"{source}: unsupported file type '{suffix}' (use {', '.join(BUILDERS)})"
                 )
+            if _is_blank(path):
+                raise DataError(f"{source}: the file is empty; give a dataset file with rows")
             rows = datasets.load_dataset(
                 BUILDERS[suffix],
                 data_files=str(path),
@@ -87,7 +98,8 @@ def load_rows(
             bad = _first_bad_json_line(path)
             if bad is not None:
                 raise DataError(f"{source}:{bad[0]}: malformed JSON line ({bad[1]})") from None
-        reason = str(error.__cause__ or error).splitlines()[0]
+        lines = str(error.__cause__ or error).strip().splitlines()
+        reason = lines[0] if lines else type(error.__cause__ or error).__name__
         raise DataError(f"cannot load dataset {source}: {reason}") from None
     if filter_fn is not None:
         before = len(rows)

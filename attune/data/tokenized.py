@@ -41,11 +41,34 @@ from attune.tokenizer.assistant_mask import MaskStrategy
 TruncationPolicy = Literal["truncate", "drop"]
 TRUNCATION_POLICIES = ("truncate", "drop")
 # Bump when the encoders change what they write, so old caches are not reused.
-ENCODING_VERSION = 2
+# 3: the chat template's own end-of-turn token ends an assistant turn.
+# 4: rows flag an empty reply and pairs whose chosen equals rejected.
+ENCODING_VERSION = 4
 SIDES = {"sft": ("",), "preference": ("chosen_", "rejected_")}
 
 
 # Encoders: one row -> token columns --------------------------------------------------------
+
+EMPTY_REPLY = "empty_reply"
+"""Column: the row has a reply with no text (only its end-of-turn token is trained)."""
+IDENTICAL_PAIR = "identical_pair"
+"""Column: a preference pair whose chosen and rejected tokens are the same."""
+
+
+def _has_empty_reply(messages: Sequence[Mapping[str, Any]], last_only: bool = False) -> bool:
+    replies = [m for m in messages if m.get("role") == "assistant"]
+    if last_only:
+        replies = replies[-1:]
+    return any(_blank(m.get("content")) for m in replies)
+
+
+def _blank(content: Any) -> bool:
+    return not content or (isinstance(content, str) and not content.strip())
+
+
+def _pair_flags(encoded: Mapping[str, Any], empty: bool) -> dict[str, bool]:
+    same = encoded["chosen_tokens"] == encoded["rejected_tokens"]
+    return {EMPTY_REPLY: empty, IDENTICAL_PAIR: same}
 
 
 @dataclass(frozen=True)
@@ -60,12 +83,16 @@ class ChatEncoder:
     strategy: MaskStrategy = "assistant"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def __call__(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
         messages = self.to_messages(row)
         tokens, mask = self.tokenizer.tokenize_messages(
             messages, self.strategy, **self.template_kwargs
         )
-        return {"tokens": tokens, "labels": labels_from_mask(tokens, mask)}
+        return {
+            "tokens": tokens,
+            "labels": labels_from_mask(tokens, mask),
+            EMPTY_REPLY: _has_empty_reply(messages),
+        }
 
 
 @dataclass(frozen=True)
@@ -86,13 +113,64 @@ class PreferenceEncoder:
         encoded: dict[str, Any] = {}
         if self.margin_column in row:  # a reward model's per-pair margin (Llama 2)
             encoded["margin"] = float(row[self.margin_column] or 0.0)
-        for side, messages in zip(("chosen", "rejected"), self.to_pair(row), strict=True):
+        pair = self.to_pair(row)
+        for side, messages in zip(("chosen", "rejected"), pair, strict=True):
             tokens, mask = self.tokenizer.tokenize_messages(
                 messages, "last_assistant", **self.template_kwargs
             )
             encoded[f"{side}_tokens"] = tokens
             encoded[f"{side}_labels"] = labels_from_mask(tokens, mask)
-        return encoded
+        empty = any(_has_empty_reply(side, last_only=True) for side in pair)
+        return {**encoded, **_pair_flags(encoded, empty)}
+
+
+@dataclass(frozen=True)
+class PromptCompletionEncoder:
+    """A row's plain-text prompt and completion (``to_texts``) with no chat template:
+    ``prompt + completion + EOS``, the completion and EOS trained (see
+    :meth:`attune.tokenizer.Tokenizer.tokenize_prompt_completion`).
+
+    Returns ``{"tokens", "labels"}``.
+    """
+
+    tokenizer: Tokenizer
+    to_texts: Callable[[Mapping[str, Any]], tuple[str, str]]
+    train_on_prompt: bool = False
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        prompt, completion = self.to_texts(row)
+        tokens, mask = self.tokenizer.tokenize_prompt_completion(
+            prompt, completion, self.train_on_prompt
+        )
+        return {
+            "tokens": tokens,
+            "labels": labels_from_mask(tokens, mask),
+            EMPTY_REPLY: _blank(completion),
+        }
+
+
+@dataclass(frozen=True)
+class PlainPreferenceEncoder:
+    """A preference row's plain-text prompt, chosen and rejected (``to_texts``) with no chat
+    template: each side is ``prompt + reply + EOS``, the reply and EOS trained.
+
+    Returns the columns of :class:`PreferenceEncoder`.
+    """
+
+    tokenizer: Tokenizer
+    to_texts: Callable[[Mapping[str, Any]], tuple[str, str, str]]
+    margin_column: str = "margin"
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        encoded: dict[str, Any] = {}
+        if self.margin_column in row:
+            encoded["margin"] = float(row[self.margin_column] or 0.0)
+        prompt, chosen, rejected = self.to_texts(row)
+        for side, reply in (("chosen", chosen), ("rejected", rejected)):
+            tokens, mask = self.tokenizer.tokenize_prompt_completion(prompt, reply)
+            encoded[f"{side}_tokens"] = tokens
+            encoded[f"{side}_labels"] = labels_from_mask(tokens, mask)
+        return {**encoded, **_pair_flags(encoded, _blank(chosen) or _blank(rejected))}
 
 
 @dataclass(frozen=True)
@@ -188,7 +266,7 @@ def encode_rows(
         raise
     except Exception as error:
         # a worker process's DataError can come back wrapped or re-created by the pool
-        cause = error
+        cause: BaseException | None = error
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
@@ -199,20 +277,45 @@ def encode_rows(
 # Reading examples back ---------------------------------------------------------------------
 
 
+def _rows(indices: Sequence[int], shown: int = 5) -> str:
+    listed = ", ".join(str(i) for i in indices[:shown])
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return f"row{'s' if len(indices) > 1 else ''} {listed}{more}"
+
+
 @dataclass
 class TruncationStats:
-    """What ``max_seq_len`` and the truncation policy did to a dataset."""
+    """What ``max_seq_len``, the truncation policy and the rows' own faults did to a dataset.
+
+    ``empty_replies`` are rows (numbered from 0, as in errors) with a reply of no text: they are
+    kept, since only the end-of-turn token of that reply is trained, but listed so the data can
+    be mended. ``identical_pairs`` are preference pairs whose chosen equals rejected: dropped,
+    since they teach no preference (their loss is a constant, ln 2 for DPO).
+    """
 
     truncated: int = 0
     dropped: int = 0
     untrainable: int = 0
+    empty_replies: list[int] = field(default_factory=list)
+    identical_pairs: list[int] = field(default_factory=list)
 
     def summary(self, max_seq_len: int | None) -> str:
-        return (
+        text = (
             f"{self.truncated} examples longer than max_seq_len={max_seq_len} truncated, "
             f"{self.dropped} dropped; {self.untrainable} dropped with nothing to train (within "
             f"max_seq_len)"
         )
+        if self.identical_pairs:
+            text += (
+                f"; {len(self.identical_pairs)} pairs whose chosen equals rejected dropped "
+                f"({_rows(self.identical_pairs)})"
+            )
+        if self.empty_replies:
+            text += (
+                f"; warning: {len(self.empty_replies)} examples have an empty reply, kept with "
+                f"only its end-of-turn trained ({_rows(self.empty_replies)})"
+            )
+        return text
 
 
 class TokenizedDataset(Dataset):
@@ -266,7 +369,8 @@ class TokenizedDataset(Dataset):
         first_trained = np.stack([counts[f"{side}first_trained"] for side in sides])
         limit = max_seq_len if max_seq_len is not None else np.iinfo(np.int64).max
         kept_lengths = np.minimum(lengths, limit)
-        trainable = (first_trained < kept_lengths).all(axis=0)
+        identical = self._flag(table, IDENTICAL_PAIR)
+        trainable = (first_trained < kept_lengths).all(axis=0) & ~identical
         too_long = (lengths > limit).any(axis=0)
         keep = trainable & ~too_long if truncation == "drop" else trainable
         self.indices = np.flatnonzero(keep)
@@ -277,12 +381,21 @@ class TokenizedDataset(Dataset):
         self.stats = TruncationStats(
             truncated=int((too_long & keep).sum()),
             dropped=int((too_long & trainable & ~keep).sum()),
-            untrainable=int((~trainable).sum()),
+            untrainable=int((~trainable & ~identical).sum()),
+            empty_replies=np.flatnonzero(self._flag(table, EMPTY_REPLY)).tolist(),
+            identical_pairs=np.flatnonzero(identical).tolist(),
         )
         if len(self.indices) == 0:
             raise DataError(
                 f"{source}: no example left to train on ({self.stats.summary(max_seq_len)})"
             )
+
+    @staticmethod
+    def _flag(table: Any, column: str) -> np.ndarray:
+        """A boolean column of the table (all False when the encoder writes none)."""
+        if column not in table.column_names:
+            return np.zeros(len(table), dtype=bool)
+        return np.asarray(table.with_format("numpy", columns=[column])[:][column], dtype=bool)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -309,6 +422,7 @@ class TokenizedDataset(Dataset):
     ) -> GlobalOrderSampler:
         """The sampler for this rank: examples, or packs when ``packed``."""
         if self.packed:
+            assert self.row_len is not None  # __init__ refuses packed without max_seq_len
             return PackingSampler(
                 self.pack_lengths.tolist(), self.row_len, seed, rank, world_size, shuffle
             )
@@ -320,9 +434,12 @@ class TokenizedDataset(Dataset):
 
     def collate_fn(self, pad_id: int, pad_to_multiple_of: int = 1) -> Callable[[Sequence], Any]:
         """The collate function of batches of this dataset."""
+        # (__init__ refuses packed without max_seq_len, which sets row_len)
         if self.packed and self.kind == "preference":
+            assert self.row_len is not None
             return functools.partial(preference_pack_collate, pad_id=pad_id, row_len=self.row_len)
         if self.packed:
+            assert self.max_seq_len is not None
             return functools.partial(pack_collate, pad_id=pad_id, max_seq_len=self.max_seq_len)
         collate = preference_collate if self.kind == "preference" else pad_collate
         return functools.partial(collate, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)

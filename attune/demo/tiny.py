@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PRETRAIN_STEPS = 400
 PRETRAIN_BATCH = 32
 VOCAB_SIZE = 576  # room for every merge of the demo text (about 564 tokens)
-HF_CONFIG = {
+HF_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "vocab_size": VOCAB_SIZE,

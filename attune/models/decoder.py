@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 import torch
 from torch import nn
 
@@ -113,7 +115,8 @@ class TransformerDecoder(nn.Module):
             # rounded to the activations' dtype first, as HF does
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         for layer in self.layers:
-            window = layer.self_attn.sliding_window
+            # (nn.ModuleList's items are typed as plain modules)
+            window = cast(DecoderLayer, layer).self_attn.sliding_window
             if window not in masks:
                 effective_window = window if window is not None and window < past + seq else None
                 spans = None
@@ -142,7 +145,7 @@ class TransformerDecoder(nn.Module):
 
     def _attends_per_document(
         self, document_ids: torch.Tensor | None, past: int, window: int | None
-    ) -> bool:
+    ) -> TypeGuard[torch.Tensor]:
         # On the CPU, attention run per document beats a block-causal mask; GPU kernels skip
         # masked blocks themselves, and would pay a host sync and many small launches instead
         return (
@@ -153,7 +156,9 @@ class TransformerDecoder(nn.Module):
             and self.config.attn_softcap is None
         )
 
-    def _attends_by_blocks(self, document_ids: torch.Tensor | None, past: int) -> bool:
+    def _attends_by_blocks(
+        self, document_ids: torch.Tensor | None, past: int
+    ) -> TypeGuard[torch.Tensor]:
         # Flex attention on GPUs (compiled Triton kernels); soft-capped scores keep the mask
         return (
             document_ids is not None

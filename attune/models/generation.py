@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
+from attune.distributed import any_rank
 from attune.models.decoder import TransformerDecoder
 
 
@@ -116,8 +116,6 @@ def generate(
 
 
 def _all_finished(finished: torch.Tensor, all_ranks: bool) -> bool:
-    if not (all_ranks and dist.is_available() and dist.is_initialized()):
+    if not all_ranks:
         return bool(finished.all())
-    unfinished = (~finished).sum().reshape(1)
-    dist.all_reduce(unfinished)
-    return int(unfinished.item()) == 0
+    return not any_rank(not bool(finished.all()))

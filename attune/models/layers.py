@@ -6,6 +6,8 @@ Module and parameter names follow Hugging Face's (``self_attn.q_proj``, ``mlp.ga
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from attune.models.masks import DocumentBlockMask, DocumentSpans
 from attune.models.rope import apply_rope
 from attune.models.sdpa import scaled_dot_product_attention
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -69,6 +71,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        assert config.sliding_windows is not None  # DecoderConfig.__post_init__ fills it
         self.sliding_window = config.sliding_windows[layer_index]
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
@@ -77,6 +80,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(
             self.num_heads * self.head_dim, config.hidden_size, bias=config.output_bias
         )
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_offset)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_offset)
@@ -108,7 +113,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope
@@ -139,6 +144,7 @@ class Attention(nn.Module):
         Query heads are grouped over their shared K/V head by broadcasting, not by copying.
         ``[batch, heads, seq, dim]`` queries -> ``[batch, heads, seq, dim]``.
         """
+        assert self.softcap is not None  # forward calls this only with a softcap
         batch, heads, seq, dim = q.shape
         groups = heads // self.num_kv_heads
         q = q.view(batch, self.num_kv_heads, groups, seq, dim)

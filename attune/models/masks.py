@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -105,7 +106,8 @@ class DocumentSpans:
         starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
         seq_len = document_ids.shape[1]
         real = padding_mask.cpu().tolist() if padding_mask is not None else None
-        spans, padding = [], []
+        spans: list[tuple[int, int, int]] = []
+        padding: list[tuple[int, int, int]] = []
         for row, row_starts in enumerate(starts.cpu().tolist()):
             begins = [index for index, start in enumerate(row_starts) if start]
             for begin, end in zip(begins, [*begins[1:], seq_len], strict=True):
@@ -209,7 +211,11 @@ class DocumentBlockMask:
         """Attention under the block mask; shapes as :meth:`DocumentSpans.attend`."""
         compiled = q.device.type == "cuda" and not torch.compiler.is_compiling()
         # inside a compiled layer flex attention is compiled with it
-        kernel = _compiled_flex_attention() if compiled else flex_attention
+        # cast: torch types flex_attention's result as a union over return_lse and
+        # return_aux, both off here, so it is one tensor
+        kernel = cast(
+            Callable[..., torch.Tensor], _compiled_flex_attention() if compiled else flex_attention
+        )
         return kernel(
             q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
         )

@@ -36,6 +36,7 @@ def rope_inverse_frequencies(
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type in ("default", "dynamic"):  # dynamic changes only past the trained length
         return inv_freq
+    assert scaling is not None  # any other type was read from the scaling parameters
     if rope_type == "longrope":  # the short factors; RotaryEmbedding switches to the long ones
         return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     if rope_type == "linear":
@@ -72,6 +73,9 @@ class RotaryEmbedding(nn.Module):
             positions past ``max_position_embeddings`` raise the base for the whole pass.
     """
 
+    inv_freq: torch.Tensor
+    long_inv_freq: torch.Tensor
+
     def __init__(self, rotary_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.rotary_dim = rotary_dim
@@ -92,29 +96,32 @@ class RotaryEmbedding(nn.Module):
             device
         )
         if self.longrope:
-            long = {**self.scaling, "short_factor": self.scaling["long_factor"]}
+            scaling = self.scaling
+            assert scaling is not None  # longrope was read from it
+            long = {**scaling, "short_factor": scaling["long_factor"]}
             self.long_inv_freq = rope_inverse_frequencies(self.rotary_dim, self.theta, long).to(
                 device
             )
-            factor = self.scaling.get("factor") or (
-                self.scaling["max_position_embeddings"]
-                / self.scaling["original_max_position_embeddings"]
+            factor = scaling.get("factor") or (
+                scaling["max_position_embeddings"] / scaling["original_max_position_embeddings"]
             )
-            attention_factor = self.scaling.get("attention_factor")
+            attention_factor = scaling.get("attention_factor")
             if attention_factor is None:
-                original = self.scaling["original_max_position_embeddings"]
+                original = scaling["original_max_position_embeddings"]
                 attention_factor = (
                     1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
                 )
             self.attention_factor = attention_factor
 
     def _dynamic_inverse_frequencies(self, seq_len: int) -> torch.Tensor:
+        scaling = self.scaling
+        assert scaling is not None  # dynamic was read from it
         base = _dynamic_ntk_base(
             self.theta,
             self.rotary_dim,
             seq_len,
-            self.scaling["factor"],
-            self.scaling["max_position_embeddings"],
+            scaling["factor"],
+            scaling["max_position_embeddings"],
         )
         return rope_inverse_frequencies(self.rotary_dim, base)
 
@@ -128,10 +135,12 @@ class RotaryEmbedding(nn.Module):
         """
         inv_freq = self.inv_freq
         if self.longrope or self.dynamic:
+            scaling = self.scaling
+            assert scaling is not None  # longrope and dynamic were read from it
             seq_len = int(positions.max()) + 1
-            if self.longrope and seq_len > self.scaling["original_max_position_embeddings"]:
+            if self.longrope and seq_len > scaling["original_max_position_embeddings"]:
                 inv_freq = self.long_inv_freq
-            if self.dynamic and seq_len > self.scaling["max_position_embeddings"]:
+            if self.dynamic and seq_len > scaling["max_position_embeddings"]:
                 inv_freq = self._dynamic_inverse_frequencies(seq_len).to(inv_freq.device)
         angles = positions.float()[..., None] * inv_freq.float()
         angles = torch.cat((angles, angles), dim=-1)

@@ -18,6 +18,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,8 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The frozen weight in the compute dtype (dequantized under QLoRA)."""
         if self.quantized:
-            return self.weight.get_original_weight().to(self.lora_A.weight.dtype)
+            nf4: Any = self.weight  # torchao's NF4Tensor, which is untyped
+            return nf4.get_original_weight().to(self.lora_A.weight.dtype)
         return self.weight
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:

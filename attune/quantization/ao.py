@@ -25,7 +25,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -121,7 +121,12 @@ def fake_quantizers(base_config: Any) -> tuple[nn.Module | None, nn.Module]:
         holder, base_config, lambda module, name: isinstance(module, nn.Linear)
     )
     swapped = holder[0]
-    return swapped.activation_fake_quantizer, swapped.weight_fake_quantizer
+    # casts: torchao's fake-quantized linear sets these attributes, which nn.Module's typing
+    # cannot see
+    return (
+        cast("nn.Module | None", swapped.activation_fake_quantizer),
+        cast(nn.Module, swapped.weight_fake_quantizer),
+    )
 
 
 def base_config_group(base_config: Any) -> int:

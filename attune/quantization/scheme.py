@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -123,7 +123,9 @@ def _quantized_width(
     if _leaf(name) in OUTPUT_NAMES and (tied or not scheme.output):
         return None
     if isinstance(module, nn.Linear) or _applies_its_own(module):
-        return module.in_features
+        # cast: the layers that apply their own quantization (LoRA's) carry in_features too,
+        # which nn.Module's typing cannot see
+        return cast(int, module.in_features)
     return None
 
 

@@ -18,7 +18,7 @@ SCHEMA = {
     **training.TRAINING_KEYS,
     **training.VALIDATION_KEYS,
     "precompute_reference": config.Field(bool, required=False),
-    "loss": config.Component(required=False),
+    "loss": config.Component(required=False, expects=rl.PREFERENCE_LOSS),
 }
 
 

@@ -18,7 +18,7 @@ from attune import config, quantization, training
 SCHEMA = {
     **training.TRAINING_KEYS,
     **training.VALIDATION_KEYS,
-    "loss": config.Component(required=False),
+    "loss": config.Component(required=False, expects=training.SFT_LOSS),
     "quantization": config.Component(required=False),
     "fake_quant_after_n_steps": config.Field(int | None, required=False),
 }
@@ -74,7 +74,7 @@ def train(cfg, run):
     # QAT's convert: the quantized model, written and scored against full precision
     if scheme is not None:
         report = training.quantized_report(
-            run, model, scheme, lora, validation, loss_fn, cfg.batch_size, pad_id, True
+            run, model, scheme, lora, validation, loss_fn, cfg.batch_size, pad_id, True, tokenizer
         )
         loop.log_after(report)
 

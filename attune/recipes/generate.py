@@ -24,11 +24,8 @@ SCHEMA = {
     "prompts": list,
     "system_prompt": config.Field(str | None, required=False),
     "chat": config.Field(bool, required=False),
-    "max_new_tokens": config.Field(int, required=False),
-    "temperature": config.Field(float, required=False),
-    "top_k": config.Field(int | None, required=False),
-    "top_p": config.Field(float | None, required=False),
-    "batch_size": config.Field(int, required=False),
+    **training.SAMPLING_KEYS,
+    "batch_size": config.Field(int, required=False, minimum=1),
     "output_file": config.Field(str | None, required=False),
 }
 

@@ -25,12 +25,10 @@ from attune.errors import ConfigError
 SCHEMA = {
     **training.TRAINING_KEYS,
     "value_model": config.Component(provided=("dtype", "device")),
-    "reward": config.Component(),
+    "reward": config.Component(expects=rl.REWARD_SOURCE),
     "ppo": config.Component(required=False),
-    "max_new_tokens": int,
-    "temperature": config.Field(float, required=False),
-    "top_k": config.Field(int | None, required=False),
-    "top_p": config.Field(float | None, required=False),
+    **training.SAMPLING_KEYS,
+    "max_new_tokens": config.Field(int, minimum=1),
     "offload_frozen_models": config.Field(bool, required=False),
 }
 

@@ -17,7 +17,7 @@ SCHEMA = {
     "quantization": config.Component(),
     "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
     "batch_size": config.Field(int, required=False),
-    "loss": config.Component(required=False),
+    "loss": config.Component(required=False, expects=training.SFT_LOSS),
 }
 
 
@@ -41,6 +41,7 @@ def recipe_main(cfg):
             loss_fn,
             cfg.get("batch_size", 8),
             tokenizer.padding_id,
+            tokenizer=tokenizer,
         )
         if run.is_main and report:
             training.append_metrics(run.output_dir, {"step": 0, **report})

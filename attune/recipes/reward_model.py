@@ -17,7 +17,7 @@ from attune.errors import ConfigError
 SCHEMA = {
     **training.TRAINING_KEYS,
     **training.VALIDATION_KEYS,
-    "loss": config.Component(required=False),
+    "loss": config.Component(required=False, expects=rl.PAIR_LOSS),
 }
 
 

@@ -18,6 +18,7 @@ from attune.rl.ppo import (
     whiten,
 )
 from attune.rl.preference_losses import (
+    PREFERENCE_LOSS,
     PREFERENCE_LOSSES,
     IPOLoss,
     ORPOLoss,
@@ -33,12 +34,13 @@ from attune.rl.reference import (
     reference_scorer,
 )
 from attune.rl.reward_model import (
+    PAIR_LOSS,
     BradleyTerryLoss,
     RewardObjective,
     pair_rewards,
     sequence_end_positions,
 )
-from attune.rl.reward_sources import FunctionReward, ModelReward
+from attune.rl.reward_sources import REWARD_SOURCE, FunctionReward, ModelReward
 from attune.rl.rollout import (
     Rollout,
     RolloutScores,
@@ -52,7 +54,10 @@ from attune.rl.rollout import (
 )
 
 __all__ = [
+    "PAIR_LOSS",
+    "PREFERENCE_LOSS",
     "PREFERENCE_LOSSES",
+    "REWARD_SOURCE",
     "STATISTICS",
     "BradleyTerryLoss",
     "FunctionReward",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
+from attune.distributed import all_ranks_sum
 from attune.errors import ConfigError
 
 KLEstimator = Literal["k1", "k3"]
@@ -106,11 +106,9 @@ def minibatch_rows(
 
 def _summed(values: list[torch.Tensor], all_ranks: bool) -> list[torch.Tensor]:
     """Scalars summed over the processes of the default group when ``all_ranks``."""
-    if not (all_ranks and dist.is_available() and dist.is_initialized()):
+    if not all_ranks:
         return values
-    stacked = torch.stack(values)
-    dist.all_reduce(stacked)
-    return list(stacked.unbind())
+    return list(all_ranks_sum(torch.stack(values)).unbind())
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
+from attune.config import Expects
 from attune.errors import ConfigError
 
 _LN2 = math.log(2.0)
@@ -61,6 +62,14 @@ class PreferenceLoss(Protocol):
         chosen_lengths: torch.Tensor,
         rejected_lengths: torch.Tensor,
     ) -> PreferenceLossOutput: ...
+
+
+PREFERENCE_LOSS = Expects(
+    "a preference loss (attune.rl.SigmoidDPOLoss, IPOLoss, SimPOLoss, ORPOLoss, ...)",
+    attributes=("uses_reference",),
+    positional=6,
+)
+"""What the ``loss`` slot of the DPO recipe takes."""
 
 
 class PreferenceLossError(ConfigError, ValueError):

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from attune.data.collate import preference_collate
 from attune.data.tokenized import TokenizedDataset
+from attune.distributed import all_ranks_sum
 from attune.rl.logprobs import PairLogprobs, pair_logprobs
 
 
@@ -131,10 +131,7 @@ class ReferenceLogprobs:
             rejected[index] = scored.rejected.float().cpu()[kept]
         if world_size > 1:
             # each pair was scored on exactly one rank; the others hold zeros for it
-            both = torch.stack([chosen, rejected])
-            collective = both.cuda() if dist.get_backend() == "nccl" else both
-            dist.all_reduce(collective)
-            chosen, rejected = collective.cpu().unbind(0)
+            chosen, rejected = all_ranks_sum(torch.stack([chosen, rejected])).unbind(0)
         return cls(chosen, rejected)
 
 

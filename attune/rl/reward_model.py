@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attune.config import Expects
 from attune.data.collate import IGNORE_INDEX
 from attune.rl.preference_losses import PreferenceLossError
 
@@ -49,6 +50,15 @@ def pair_rewards(
         ends = sequence_end_positions(batch["labels"], batch["sequence_ids"], 2 * pairs)
         rewards = model.output(hidden.reshape(-1, hidden.shape[-1])[ends]).squeeze(-1).float()
     return rewards[:pairs], rewards[pairs:]
+
+
+PAIR_LOSS = Expects(
+    "a reward-model pair loss (called with the chosen and rejected rewards and margin=, as "
+    "attune.rl.BradleyTerryLoss is)",
+    positional=2,
+    keywords=("margin",),
+)
+"""What the ``loss`` slot of the reward-model recipe takes."""
 
 
 @dataclass

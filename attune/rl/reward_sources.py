@@ -28,8 +28,16 @@ from typing import Any
 
 import torch
 
+from attune.config import Expects
 from attune.errors import CheckpointError, ConfigError
 from attune.rl.rollout import Rollout, sequence_end_scores
+
+REWARD_SOURCE = Expects(
+    "a reward source (attune.rl.ModelReward, attune.rl.FunctionReward or one like them, "
+    "with prepare(device, dtype))",
+    attributes=("prepare", "__call__"),
+)
+"""What PPO's ``reward`` slot takes."""
 
 
 class FunctionReward:

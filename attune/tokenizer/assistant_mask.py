@@ -8,11 +8,16 @@ whatever the template puts there for the model to produce, such as Qwen3's empty
 end-of-turn token: ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``</s>``, ...), which is
 trained so that the model learns to stop.
 
+The end-of-turn token is read from the template itself (:func:`end_of_turn_token`), not
+assumed to be the checkpoint's EOS: a base model fine-tuned with an instruct template (Llama
+3.2 1B, whose EOS is ``<|end_of_text|>``, with Llama 3's template, whose turns end in
+``<|eot_id|>``) trains ``<|eot_id|>``, and the tokenizer stops generation there.
+
 Some templates render earlier turns differently once later turns exist (Mistral v0.3 moves the
 system message before the last user turn), so the prefix test fails; there the reply is
 found by its own text, searched for after the previous turn. A turn found neither way is an
-error, as is a template that ends a turn with no stop token, or a conversation with nothing
-to train.
+error, as is a template that closes a turn with no special token at all, or a conversation
+with nothing to train.
 """
 
 from __future__ import annotations
@@ -62,14 +67,70 @@ def assistant_spans(
             start = found
         end = _end_of_turn(full, start, stop_strings)
         if end is None:
+            known = f"none of {', '.join(stop_strings)}" if stop_strings else "no stop token"
             raise ChatTemplateError(
-                f"assistant message {index}: the template ends the turn without a stop token "
-                f"({', '.join(stop_strings) or 'none known'}), so the model would never learn "
-                "to stop; use a template that closes turns with the EOS token"
+                f"assistant message {index}: the template closes the turn with no special token "
+                f"({known} follows the reply), "
+                "so the model would never learn to stop; use a template that ends each turn "
+                "with a special token (the EOS or an end-of-turn token such as <|eot_id|>)"
             )
         spans.append((start, end))
         cursor = end
     return full, spans
+
+
+# Texts a template is unlikely to alter (no spaces to trim, no markup to parse), so each can be
+# found again in the rendering.
+_USER, _REPLY, _NEXT_USER = "attuneprobequestion", "attuneprobereply", "attuneprobefollowup"
+
+
+def end_of_turn_token(
+    render: Callable[[Sequence[Message], bool], str],
+    candidates: Sequence[str],
+    not_closing: Sequence[str] = (),
+) -> str | None:
+    """The token a chat template closes an assistant's turn with, read from the template.
+
+    A conversation is rendered with a probe reply followed by another user turn (or, when the
+    template rejects that, with the reply last); the end-of-turn token is the first of
+    ``candidates`` that the template prints after the reply and before the next turn's text.
+    Tokens the template prints to *open* an assistant turn (its generation prompt: Llama 3's
+    ``<|start_header_id|>``, ChatML's ``<|im_start|>``) start the next turn rather than close
+    this one, so they do not count, nor do ``not_closing`` (the BOS token).
+
+    Args:
+        render: ``render(messages, add_generation_prompt)`` with the template.
+        candidates: the texts of the tokenizer's special and added tokens.
+        not_closing: tokens never taken for an end of turn.
+
+    Returns:
+        The token's text, or None when the template prints none of them after a reply (or
+        cannot render the probe conversations at all).
+    """
+    user = {"role": "user", "content": _USER}
+    reply = {"role": "assistant", "content": _REPLY}
+    opening = set(not_closing)
+    try:
+        bare, prompted = render([user], False), render([user], True)
+        if prompted.startswith(bare):
+            opening |= {t for t in candidates if t and t in prompted[len(bare) :]}
+    except ChatTemplateError:
+        pass
+    for conversation in ([user, reply, {"role": "user", "content": _NEXT_USER}], [user, reply]):
+        try:
+            text = render(conversation, False)
+        except ChatTemplateError:  # a template that insists on another shape of conversation
+            continue
+        start = text.find(_REPLY)
+        if start < 0:
+            continue
+        start += len(_REPLY)
+        stop = text.find(_NEXT_USER, start)
+        after = text[start : stop if stop >= 0 else len(text)]
+        found = [(after.find(t), -len(t), t) for t in candidates if t and t not in opening]
+        found = [entry for entry in found if entry[0] >= 0]
+        return min(found)[2] if found else None
+    return None
 
 
 def _end_of_turn(text: str, start: int, stop_strings: Sequence[str]) -> int | None:

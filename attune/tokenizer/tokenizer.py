@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -16,6 +16,7 @@ from attune.tokenizer.assistant_mask import (
     MASK_STRATEGIES,
     MaskStrategy,
     assistant_spans,
+    end_of_turn_token,
     mask_from_spans,
 )
 from attune.tokenizer.builtin_templates import resolve_chat_template
@@ -73,7 +74,8 @@ class Tokenizer:
         special_tokens: ``bos_token``, ``eos_token``, ... (None where the model has none).
         chat_template: the model's Jinja chat template, if it has one.
         stop_token_ids: ids that end generation (the EOS token and those listed in
-            ``generation_config.json``).
+            ``generation_config.json``); the chat template's end-of-turn token is added (see
+            :attr:`stop_token_ids`).
     """
 
     def __init__(
@@ -92,7 +94,8 @@ class Tokenizer:
         stops = list(stop_token_ids)
         if eos_id is not None and eos_id not in stops:
             stops.insert(0, eos_id)
-        self.stop_token_ids = stops
+        self._configured_stops = stops
+        self._end_of_turn: dict[str, str | None] = {}  # per template source: read once
 
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
@@ -158,6 +161,62 @@ class Tokenizer:
         attended nor trained, so any id works; a real one keeps embeddings in range)."""
         return next(i for i in (self.pad_id, self.eos_id, 0) if i is not None)
 
+    def end_of_turn_token(self, chat_template: str | None = None) -> str | None:
+        """The token the chat template closes an assistant's turn with, read from the template
+        (see :func:`attune.tokenizer.assistant_mask.end_of_turn_token`): ``<|eot_id|>`` for
+        Llama 3, ``<|im_end|>`` for ChatML, ``<end_of_turn>`` for Gemma, the EOS token for
+        templates that print ``eos_token``. It need not be the EOS token: a base checkpoint
+        (EOS ``<|end_of_text|>``) with an instruct template (turns end in ``<|eot_id|>``) is
+        the usual case.
+
+        Args:
+            chat_template: a template to read instead of the tokenizer's own.
+
+        Returns:
+            The token's text, or None without a template or when the template closes turns
+            with no special token.
+        """
+        source = chat_template or self.chat_template
+        if source is None:
+            return None
+        if source not in self._end_of_turn:
+            special = {k: v for k, v in self.special_tokens.items() if v is not None}
+
+            def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+                return render_chat(
+                    source, messages, add_generation_prompt=add_generation_prompt,
+                    special_tokens=special,
+                )  # fmt: skip
+
+            added = [t.content for t in self.backend.get_added_tokens_decoder().values()]
+            named = [v for k, v in special.items() if k != "bos_token"]
+            candidates = [
+                t for t in dict.fromkeys([*added, *named]) if self.token_id(t) is not None
+            ]
+            bos = self.special_tokens["bos_token"]
+            # a BOS token opens a sequence; it closes a turn only where it is also the EOS
+            not_closing = (
+                [bos] if bos is not None and bos != self.special_tokens["eos_token"] else []
+            )
+            self._end_of_turn[source] = end_of_turn_token(render, candidates, not_closing)
+        return self._end_of_turn[source]
+
+    def stop_ids(self, chat_template: str | None = None) -> list[int]:
+        """:attr:`stop_token_ids` for conversations rendered with ``chat_template`` (default:
+        the tokenizer's own)."""
+        stops = list(self._configured_stops)
+        end_of_turn = self.token_id(self.end_of_turn_token(chat_template))
+        if end_of_turn is not None and end_of_turn not in stops:
+            stops.append(end_of_turn)
+        return stops
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end generation: the EOS token, those ``generation_config.json`` lists, and
+        the chat template's end-of-turn token, so that a model trained on the template stops
+        where its turn ends."""
+        return self.stop_ids()
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -166,9 +225,41 @@ class Tokenizer:
         """A hash of everything that decides how this tokenizer tokenizes and renders chats,
         so that cached tokenized data is reused only by the same tokenizer."""
         digest = hashlib.sha256(self.backend.to_str().encode("utf-8"))
-        extra = [self.special_tokens, self.chat_template, self.stop_token_ids]
+        extra = [self.special_tokens, self.chat_template, self._configured_stops]
         digest.update(json.dumps(extra, sort_keys=True).encode("utf-8"))
         return digest.hexdigest()
+
+    def save_chat_settings(self, folder: str | Path) -> None:
+        """Write into a saved model folder what it needs to chat as this tokenizer does, so
+        that transformers, vLLM and attune use the template the model was trained with and
+        stop where its turns end:
+
+        * ``chat_template.jinja``: the tokenizer's template, when the folder's own files give
+          another or none (a template set in the config, a built-in one for a base model);
+        * ``generation_config.json``, when the folder has one: its ``eos_token_id`` lists every
+          one of :attr:`stop_token_ids` (the file's own ids first), as instruct releases ship
+          it (``[128001, 128008, 128009]``), so a base model trained with an instruct template
+          stops at the template's end-of-turn token, not only at its EOS.
+
+        Args:
+            folder: the model (or adapter) folder, with its tokenizer files already copied.
+        """
+        folder = Path(folder)
+        if self.chat_template is not None:
+            own = _chat_template_of(folder, _read_json(folder / "tokenizer_config.json"))
+            if own != self.chat_template:
+                (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        path = folder / "generation_config.json"
+        if not path.is_file():
+            return
+        generation = _read_json(path)
+        eos = generation.get("eos_token_id")
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        missing = [i for i in self.stop_token_ids if i not in ids]
+        if missing:
+            ids += missing
+            generation["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+            path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
     # Encoding ------------------------------------------------------------------------------
 
@@ -195,6 +286,59 @@ class Tokenizer:
         )
 
     # Chat ----------------------------------------------------------------------------------
+
+    # the overloads say what ``tokenize`` returns: the text, or its token ids
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tokenize: Literal[False] = False,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool,
+        tokenize: Literal[True],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        *,
+        tokenize: Literal[True],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]: ...
 
     def apply_chat_template(
         self,
@@ -282,7 +426,7 @@ class Tokenizer:
             text = render(messages, False)
             spans = [(0, len(text))]
         else:
-            stops = [self.backend.id_to_token(i) for i in self.stop_token_ids]
+            stops = [self.backend.id_to_token(i) for i in self.stop_ids(chat_template)]
             text, spans = assistant_spans(render, messages, [s for s in stops if s])
             if strategy == "last_assistant":
                 spans = spans[-1:]
@@ -291,6 +435,44 @@ class Tokenizer:
         if not any(mask):
             raise ChatTemplateError("nothing to train: the conversation has no assistant reply")
         return encoding.ids, mask
+
+    def tokenize_prompt_completion(
+        self, prompt: str, completion: str, train_on_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """A plain-text prompt and completion with no chat template, as TRL trains
+        non-conversational prompt/completion rows: ``prompt + completion + EOS``, the
+        completion and the EOS trained.
+
+        The prompt is encoded with the tokenizer's own special tokens (a BOS for most models,
+        as SFTTrainer encodes it and as a plain prompt is encoded to generate from), the
+        completion on its own without them (as DPOTrainer encodes it), then the EOS token is
+        appended. Encoding the two apart keeps the prompt's tokens exactly those the model is
+        given at generation and puts the boundary between prompt and completion on a token
+        (SFTTrainer encodes ``prompt + completion`` as one text and warns when the two
+        disagree). Nothing is put between them: end the prompt with the separator the model
+        should see (``"\\n"``, ``"Answer:"``).
+
+        Args:
+            prompt: the text the model is given.
+            completion: the text it learns to produce.
+            train_on_prompt: train the prompt's tokens too.
+
+        Returns:
+            ``(tokens, mask)``, two lists of equal length.
+
+        Raises:
+            TokenizerError: the tokenizer has no EOS token to end the completion with.
+        """
+        eos = self.eos_id
+        if eos is None:
+            raise TokenizerError(
+                "the tokenizer has no EOS token to end a plain-text completion with; set "
+                "eos_token in its tokenizer_config.json, or use a chat template"
+            )
+        prompt_ids = self.encode(prompt)
+        completion_ids = [*self.encode(completion, add_special_tokens=False), eos]
+        mask = [train_on_prompt] * len(prompt_ids) + [True] * len(completion_ids)
+        return prompt_ids + completion_ids, mask
 
 
 def from_pretrained(path: str | Path, chat_template: str | None = None) -> Tokenizer:

@@ -8,8 +8,14 @@ from attune.training.distributed import World, unsharded_root
 from attune.training.frozen import FrozenModels
 from attune.training.interrupt import StopSignals
 from attune.training.loop import TrainingLoop, total_steps
-from attune.training.loss import ChunkedCrossEntropy, token_count
-from attune.training.metrics import MetricsWriter, TensorBoardLogger, WandbLogger, append_metrics
+from attune.training.loss import SFT_LOSS, ChunkedCrossEntropy, token_count
+from attune.training.metrics import (
+    METRIC_LOGGER,
+    MetricsWriter,
+    TensorBoardLogger,
+    WandbLogger,
+    append_metrics,
+)
 from attune.training.model_setup import (
     apply_activation_checkpointing,
     compile_layers,
@@ -43,6 +49,7 @@ from attune.training.runtime import (
 )
 from attune.training.setup import (
     MODEL_KEYS,
+    SAMPLING_KEYS,
     TRAINING_KEYS,
     VALIDATION_KEYS,
     TrainingSetup,
@@ -67,8 +74,11 @@ from attune.training.step import (
 )
 
 __all__ = [
+    "METRIC_LOGGER",
     "MODEL_KEYS",
     "QUANTIZED_FOLDER",
+    "SAMPLING_KEYS",
+    "SFT_LOSS",
     "TRAINING_KEYS",
     "VALIDATION_KEYS",
     "AnswerCheck",

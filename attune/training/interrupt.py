@@ -5,24 +5,45 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 
 class StopSignals:
     """While entered, remembers the first SIGINT/SIGTERM instead of dying of it.
 
+    A second SIGINT stops at once: it raises ``KeyboardInterrupt`` with a one-line message
+    saying which checkpoint is the latest complete one. Raised mid-save, it unwinds the save,
+    which removes its partial folder (the checkpoints before it stay as they were). Further
+    SIGINTs are then ignored, so that nothing interrupts that cleanup.
+
     ``requested`` holds the signal's number once one came (None before). Outside the main
     thread, where handlers cannot be installed, it does nothing.
+
+    Args:
+        latest: gives the latest complete checkpoint, for the second Ctrl-C's message.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, latest: Callable[[], Path | str | None] | None = None) -> None:
         self.requested: int | None = None
+        self.latest = latest
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            raise KeyboardInterrupt(self._stopped_now())
         self.requested = signum
+
+    def _stopped_now(self) -> str:
+        latest = self.latest() if self.latest is not None else None
+        kept = (
+            f"the latest complete checkpoint is {latest}; continue with resume_from_checkpoint=true"
+            if latest is not None
+            else "no checkpoint was saved"
+        )
+        return f"interrupted twice: stopped at once, without saving ({kept})"
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

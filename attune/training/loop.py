@@ -27,14 +27,15 @@ from typing import Any
 
 import torch
 
+from attune.errors import CheckpointError
 from attune.peft import LoraSettings
-from attune.training.checkpointer import Checkpointer
+from attune.training.checkpointer import STATE_DIR, STATE_FILE, Checkpointer, newest_up_to
 from attune.training.data import BatchStream
 from attune.training.interrupt import StopSignals
 from attune.training.metrics import MetricLogger, MetricsWriter, append_metrics
 from attune.training.run import Run, restore_checkpoint, save_checkpoint
 from attune.training.runtime import peak_memory_gb, state_memory_gb
-from attune.training.step import optimizer_step
+from attune.training.step import UpdateCheck, optimizer_step, stopped
 
 
 def total_steps(stream: BatchStream, epochs: int, max_steps: int | None) -> int:
@@ -106,7 +107,8 @@ class TrainingLoop:
         self.last_saved: str | None = None
         self.resumed = False
         self.metrics: MetricsWriter | None = None
-        self.stop = StopSignals()
+        self.stop = StopSignals(latest=self._latest_complete)
+        self._update_check = UpdateCheck(self._diverged)
         self.stopping = False
         self._record: dict[str, Any] = {}
         self._window_tokens = 0
@@ -120,13 +122,20 @@ class TrainingLoop:
         state = restore_checkpoint(
             self.checkpointer, folder, self.model, self.optimizer, self.lora, self.companions
         )
-        self.recipe_state = dict(state.get("recipe", {}))
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["lr_scheduler"])
-        self.stream.load_state_dict(state["data"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        try:
+            self.recipe_state = dict(state.get("recipe", {}))
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["lr_scheduler"])
+            self.stream.load_state_dict(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"cannot resume from {folder}: its {STATE_DIR}/{STATE_FILE} is not the state "
+                f"of this kind of run ({type(error).__name__}: {error})"
+            ) from None
         self.last_saved = str(folder)
         self.resumed = True
+        self._update_check.weights_norm = None  # the weights are the checkpoint's now
         self.run.print(f"resumed from {folder} at step {self.step}")
         return state
 
@@ -181,8 +190,30 @@ class TrainingLoop:
 
     def optimizer_step(self, max_grad_norm: float | None) -> float | None:
         """Clip (when ``max_grad_norm`` is set), step the optimizer and the schedule, clear the
-        gradients; returns the gradient norm before clipping, when clipped."""
-        return optimizer_step(self.params, self.optimizer, self.scheduler, max_grad_norm)
+        gradients; returns the gradient norm before clipping, when clipped.
+
+        Raises:
+            TrainingError: the gradient norm is not finite (before stepping), or the step left
+                the weights non-finite or multiplied their norm (after it; nothing more is
+                saved), naming the last checkpoint whose weights are good.
+        """
+        return optimizer_step(
+            self.params, self.optimizer, self.scheduler, max_grad_norm, self._update_check
+        )
+
+    def _diverged(self, problem: str, stepped: bool) -> BaseException:
+        # A bad update leaves the weights it started from good (their loss and gradient were
+        # finite): a checkpoint of the previous step is. A non-finite gradient came from those
+        # weights themselves: only a checkpoint of an earlier step is.
+        good = newest_up_to(self.last_saved, self.step - 1 if stepped else self.step - 2)
+        return stopped(problem, self.step, good)
+
+    def _latest_complete(self) -> Path | None:
+        """The newest complete checkpoint of this run (the one resumed from, if none newer)."""
+        latest = self.checkpointer.latest()
+        if latest is None and self.resumed and self.last_saved is not None:
+            return Path(self.last_saved)
+        return latest
 
     @property
     def log_due(self) -> bool:

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from attune.config import Expects
 from attune.data.collate import IGNORE_INDEX
+
+SFT_LOSS = Expects(
+    "an SFT loss (called with hidden states, labels and the output head, as "
+    "attune.training.ChunkedCrossEntropy is)",
+    positional=3,
+)
+"""What the ``loss`` slot of a fine-tuning recipe takes."""
 
 
 def _chunk_loss(

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from attune.config import Expects
 from attune.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,6 +27,14 @@ class MetricLogger(Protocol):
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+METRIC_LOGGER = Expects(
+    "a metric logger (an object with log(metrics, step) and close(), such as "
+    "attune.training.TensorBoardLogger)",
+    attributes=("log", "close"),
+)
+"""What the ``metric_logger`` slot takes."""
 
 
 class TensorBoardLogger:

@@ -31,7 +31,15 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from attune.config import import_component, instantiate
+from attune.config import Expects, import_component, instantiate
+
+OPTIMIZER = Expects(
+    "an optimizer (a class taking the parameters first, with step() and zero_grad(), such as "
+    "torch.optim.AdamW)",
+    attributes=("step", "zero_grad"),
+    minimums={"lr": 0.0, "weight_decay": 0.0},
+)
+"""What the ``optimizer`` slot takes."""
 
 # fused kernels with a DTensor sharding rule (torch 2.13)
 _FUSED_ON_DTENSORS = (torch.optim.Adam, torch.optim.AdamW)

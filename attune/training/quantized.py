@@ -27,6 +27,7 @@ from attune.quantization import (
     save_quantized,
     set_fake_quantization,
 )
+from attune.tokenizer import Tokenizer
 from attune.training.distributed import full_state_dict
 from attune.training.run import Run
 from attune.training.step import held_out_loss
@@ -44,6 +45,7 @@ def quantized_report(
     batch_size: int = 1,
     pad_id: int = 0,
     fake_quantized: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> dict[str, float]:
     """Write ``model`` quantized under ``scheme`` to ``output_dir/quantized`` and, with
     ``validation``, score full precision against the quantized model. A collective: every
@@ -58,6 +60,8 @@ def quantized_report(
         loss_fn: the loss to score with.
         batch_size, pad_id: for the held-out batches.
         fake_quantized: ``model`` carries QAT's fake quantizers (scored on and off).
+        tokenizer: the run's tokenizer, whose chat template and stop tokens the folder gets
+            (see :meth:`attune.tokenizer.Tokenizer.save_chat_settings`).
 
     Returns:
         The metrics (see the module docstring); empty without ``validation``.
@@ -76,6 +80,8 @@ def quantized_report(
     if run.is_main:
         weights = merge_state_dict(state, lora) if lora is not None else state
         save_quantized(model, folder, scheme, state=weights, source=model.config.source)
+        if tokenizer is not None:
+            tokenizer.save_chat_settings(folder)
         run.print(f"wrote the {scheme.describe()} quantized model to {folder}")
     run.world.barrier()
     if validation is not None:

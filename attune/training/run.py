@@ -4,6 +4,8 @@ what a checkpoint writes, and where a resume starts."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -14,11 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attune.config import instantiate
-from attune.errors import ConfigError
+from attune.errors import CheckpointError, ConfigError
 from attune.models import TransformerDecoder, load_weights, save_pretrained
 from attune.peft import LoraSettings, apply_lora, is_adapter_key, merge_state_dict, save_adapter
 from attune.quantization import QuantizationScheme, insert_fake_quantization
-from attune.training.checkpointer import Checkpointer
+from attune.training.checkpointer import STATE_DIR, STATE_FILE, Checkpointer, is_complete
 from attune.training.distributed import (
     World,
     full_state_dict,
@@ -72,6 +74,22 @@ class Run:
             sys.stdout.flush()
 
 
+def make_output_dir(path: Path) -> None:
+    """Create a run's folder, or say in one line why it cannot be.
+
+    Raises:
+        ConfigError: the folder cannot be created or written to.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"output_dir: cannot create {path} ({error.strerror}); choose a folder you can write to"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {path} is not writable; choose a folder you can write to")
+
+
 @contextlib.contextmanager
 def start_run(cfg: DictConfig) -> Iterator[Run]:
     """Join the processes (under torchrun), seed, resolve the device and dtypes, create
@@ -91,8 +109,12 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
         if run.autocast is not None:
             resolve_dtype(run.autocast)  # a bad name fails now, not at the first forward pass
         seed_everything(cfg.get("seed", 0))
+        if run.output_dir.exists() and not run.output_dir.is_dir():
+            raise ConfigError(
+                f"output_dir: {run.output_dir} is a file, not a folder; choose another output_dir"
+            )
         if run.is_main:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
+            make_output_dir(run.output_dir)
             OmegaConf.save(cfg, run.output_dir / CONFIG_FILE, resolve=True)
         world.barrier()
         yield run
@@ -130,12 +152,23 @@ def setup_model(
         apply_lora(model, lora)
     if fake_quantization is not None:
         insert_fake_quantization(model, fake_quantization)
-    if distributed:
-        compute = resolve_dtype(run.autocast) if run.autocast else None
-        shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)
-        materialize(model, run.device, weights or model.config.source, lora)
-    elif weights is not None:
-        load_weights(model, weights, ignore=is_adapter_key)
+    try:
+        if distributed:
+            compute = resolve_dtype(run.autocast) if run.autocast else None
+            shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)
+            materialize(model, run.device, weights or model.config.source, lora)
+        elif weights is not None:
+            load_weights(model, weights, ignore=is_adapter_key)
+    except CheckpointError as error:
+        if weights is None:
+            raise
+        # a checkpoint of another model (another hidden size, layer count...): say which
+        # checkpoint, not only which tensor
+        raise CheckpointError(
+            f"cannot resume from {weights}: its weights do not load into this run's model "
+            f"({error}); resume with the model it was trained with, or train afresh in another "
+            "output_dir"
+        ) from None
     return model
 
 
@@ -147,13 +180,17 @@ def weights_writer(
 ):
     """Writes a checkpoint folder's weights from the model's full ``state``: the HF folder,
     or for a LoRA run the peft adapter (and, with ``save_merged``, the merged model in
-    ``merged/``). Tokenizer files are copied from the folder the model was loaded from."""
+    ``merged/``). Tokenizer files are copied from the folder the model was loaded from, then
+    the run's tokenizer adds its chat template and stop tokens."""
     source = model.config.source
     size = checkpointer.max_shard_size
+    tokenizer = checkpointer.tokenizer
 
     def write(folder: Path) -> None:
         if lora is None:
             save_pretrained(model, folder, source=source, max_shard_size=size, state=state)
+            if tokenizer is not None:
+                tokenizer.save_chat_settings(folder)
             return
         save_adapter(
             model,
@@ -168,6 +205,9 @@ def weights_writer(
             save_pretrained(
                 model, folder / "merged", source=source, max_shard_size=size, state=merged
             )
+        for written in (folder, folder / "merged"):
+            if tokenizer is not None and written.is_dir():
+                tokenizer.save_chat_settings(written)
 
     return write
 
@@ -250,7 +290,12 @@ def restore_checkpoint(
     """Load a checkpoint's optimizer (and adapters) into this run's layout, which may have
     another number of processes, restore the RNG states, and return the loop's state. The
     companions' weights are not loaded here: they are built from their folders
-    (``step_<N>/<name>``) as the main model is from the checkpoint."""
+    (``step_<N>/<name>``) as the main model is from the checkpoint.
+
+    Raises:
+        CheckpointError: a file is corrupt or not trusted, or the checkpoint's tensors do not
+            fit this run (another model shape, another ``lora.rank``), naming the folder.
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -258,28 +303,73 @@ def restore_checkpoint(
     )
 
     owner = _owner(model, companions)
+    # everything is read and checked before anything of this run is changed
+    state = checkpointer.load_state(folder)
     template = _sharded_state(model, optimizer, lora is not None, companions)
-    sharded = checkpointer.load_sharded(folder, template)
+    sharded = checkpointer.load_sharded(folder, template, _lora_difference(folder, lora))
     if lora is not None:
         set_model_state_dict(owner, sharded["adapter"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(owner, optimizer, sharded["optimizer"])
-    state = checkpointer.load_state(folder)
     set_rng_state(state["rng"])
     return state
 
 
-def resume_point(checkpointer: Checkpointer, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None.
+def _lora_difference(folder: Path, lora: LoraSettings | None) -> str:
+    """How the checkpoint's adapter settings differ from this run's, for a message ("" when
+    they do not, or cannot be told)."""
+    from attune.peft.adapter import CONFIG_FILE
+
+    path = Path(folder) / CONFIG_FILE
+    saved = None
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text()).get("r")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+    if lora is None:
+        return "it is a LoRA checkpoint, and this run trains the full model" if saved else ""
+    if saved is not None and saved != lora.rank:
+        return f"it was trained with lora.rank={saved}, and this run has lora.rank={lora.rank}"
+    return ""
+
+
+def resume_point(checkpointer: Checkpointer, resume: bool | str | None) -> Path | None:
+    """The checkpoint to resume from, checked (:meth:`Checkpointer.check_resumable`), or None.
+
+    Args:
+        checkpointer: the run's checkpointer.
+        resume: ``resume_from_checkpoint``: true for the newest complete checkpoint, or a
+            checkpoint folder (a path, or ``step_<N>`` within the run's checkpoints).
 
     Raises:
-        ConfigError: ``resume_from_checkpoint`` is set but there is no checkpoint.
+        ConfigError: ``resume_from_checkpoint`` is set but there is no such checkpoint.
+        CheckpointError: the checkpoint is not complete, a file of it is missing, truncated,
+            changed since it was written, or not trusted.
     """
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):
+        resume = resume.strip().lower() == "true"
     if not resume:
         return None
-    folder = checkpointer.latest()
-    if folder is None:
-        raise ConfigError(
-            f"resume_from_checkpoint=true, but {checkpointer.directory} holds no complete "
-            "checkpoint; start without it"
-        )
+    if resume is True:
+        folder = checkpointer.latest()
+        if folder is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=true, but {checkpointer.directory} holds no complete "
+                "checkpoint; start without it"
+            )
+    else:
+        folder = Path(str(resume)).expanduser()
+        if not folder.is_dir() and (checkpointer.directory / str(resume)).is_dir():
+            folder = checkpointer.directory / str(resume)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"resume_from_checkpoint={resume}: no such checkpoint folder (give true for the "
+                f"newest, a folder, or step_<N> in {checkpointer.directory})"
+            )
+        if not is_complete(folder):
+            raise CheckpointError(
+                f"resume_from_checkpoint={resume}: {folder} is not a complete checkpoint (it "
+                f"has no {STATE_DIR}/{STATE_FILE})"
+            )
+    checkpointer.check_resumable(folder)
     return folder

@@ -22,13 +22,14 @@ from attune.tokenizer import Tokenizer
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream
 from attune.training.loop import TrainingLoop, total_steps
+from attune.training.metrics import METRIC_LOGGER
 from attune.training.model_setup import (
     apply_activation_checkpointing,
     compile_layers,
     describe_counts,
     trainable_parameters,
 )
-from attune.training.optim import build_optimizer
+from attune.training.optim import OPTIMIZER, build_optimizer
 from attune.training.run import Run, resume_point, setup_model
 
 MODEL_KEYS = {
@@ -44,30 +45,38 @@ TRAINING_KEYS = {
     "output_dir": str,
     **MODEL_KEYS,
     "autocast": config.Field(str | None, required=False),
-    "batch_size": int,
-    "gradient_accumulation_steps": config.Field(int, required=False),
-    "epochs": config.Field(int, required=False),
-    "max_steps": config.Field(int | None, required=False),
-    "max_steps_per_epoch": config.Field(int | None, required=False),
-    "clip_grad_norm": config.Field(float | None, required=False),
-    "log_every_n_steps": config.Field(int, required=False),
-    "resume_from_checkpoint": config.Field(bool, required=False),
+    "batch_size": config.Field(int, minimum=1),
+    "gradient_accumulation_steps": config.Field(int, required=False, minimum=1),
+    "epochs": config.Field(int, required=False, minimum=1),
+    "max_steps": config.Field(int | None, required=False, minimum=1),
+    "max_steps_per_epoch": config.Field(int | None, required=False, minimum=1),
+    "clip_grad_norm": config.Field(float | None, required=False, minimum=0),
+    "log_every_n_steps": config.Field(int, required=False, minimum=1),
+    "resume_from_checkpoint": config.Field(bool | str, required=False),
     "compile": config.Field(bool, required=False),
     "enable_activation_checkpointing": config.Field(bool, required=False),
-    "num_workers": config.Field(int, required=False),
+    "num_workers": config.Field(int, required=False, minimum=0),
     "cpu_offload": config.Field(bool, required=False),
     "lora": config.Component(required=False),
     "dataset": config.Component(provided=("tokenizer",)),
-    "optimizer": config.Component(provided=("params",)),
+    "optimizer": config.Component(provided=("params",), expects=OPTIMIZER),
     "lr_scheduler": config.Component(required=False, provided=("optimizer", "num_training_steps")),
     "checkpointer": config.Component(provided=("output_dir",)),
-    "metric_logger": config.Component(required=False),
+    "metric_logger": config.Component(required=False, expects=METRIC_LOGGER),
     "answer_check": config.Component(required=False),
 }
 """The top-level keys every training recipe reads (its schema adds its own)."""
 
+SAMPLING_KEYS = {
+    "max_new_tokens": config.Field(int, required=False, minimum=1),
+    "temperature": config.Field(float, required=False, minimum=0),
+    "top_k": config.Field(int | None, required=False, minimum=1),
+    "top_p": config.Field(float | None, required=False, minimum=0),
+}
+"""The keys of a recipe that samples from the model (generation, rollouts)."""
+
 VALIDATION_KEYS = {
-    "eval_every_n_steps": config.Field(int | None, required=False),
+    "eval_every_n_steps": config.Field(int | None, required=False, minimum=1),
     "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
 }
 """The keys of a recipe that measures held-out data as it trains."""
@@ -108,6 +117,7 @@ def setup_training(
             "base weights; keep one of them"
         )
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
+    checkpointer.tokenizer = tokenizer  # checkpoints carry its chat template and stop tokens
     resumed_from = resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
     model = prepare_model(cfg, run, lora, resumed_from, fake_quantization)
     return TrainingSetup(tokenizer, lora, checkpointer, resumed_from, model)

@@ -12,12 +12,14 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from attune.errors import AttuneError
+from attune.training.checkpointer import newest_up_to
 from attune.training.data import eval_batches
 from attune.training.loss import token_count
 
@@ -165,39 +167,110 @@ def backward_step(
     return StepResult(sums["loss"] / max(total, 1), total, input_tokens)
 
 
+GROWTH_LIMIT = 10.0
+"""An update that multiplies the norm of the trained weights by more than this is divergence:
+even a high learning rate moves them by a small fraction of their size per step, while one far
+too high (Adam moves every weight by about the learning rate) multiplies it by orders of
+magnitude at once, leaving finite weights that only produce a NaN a step or two later."""
+
+
+def _as_float(norm: torch.Tensor) -> float:
+    # with sharded (DTensor) tensors the norm is a DTensor of the global norm
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _weights_norm(parameters: list[torch.nn.Parameter]) -> float:
+    """The 2-norm of all the parameters together (the same on every rank when sharded)."""
+    return _as_float(torch.nn.utils.get_total_norm([p.detach() for p in parameters]))
+
+
+@dataclass
+class UpdateCheck:
+    """How :func:`optimizer_step` checks each update of a run.
+
+    Attributes:
+        diverged: ``diverged(problem, stepped)`` makes the error raised when an update goes
+            wrong (``stepped``: whether the optimizer had stepped).
+        weights_norm: the trained weights' norm after the last update (None: not known yet,
+            as at the start or after a resume), so that each step measures it once.
+    """
+
+    diverged: Callable[[str, bool], BaseException]
+    weights_norm: float | None = None
+
+
 def optimizer_step(
     parameters: Iterable[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     max_grad_norm: float | None,
+    check: UpdateCheck | None = None,
 ) -> float | None:
     """Clip gradients (when ``max_grad_norm`` is set), step the optimizer and the schedule, and
-    clear the gradients. Returns the gradient norm before clipping, when clipped."""
+    clear the gradients. Returns the gradient norm before clipping, when clipped.
+
+    Args:
+        parameters: the trained parameters.
+        optimizer: their optimizer.
+        scheduler: the learning-rate schedule, or None.
+        max_grad_norm: clip the gradients' global norm to this (None: no clipping).
+        check: when given, the update is checked: a non-finite gradient norm stops before the
+            step; weights that the step leaves non-finite, or whose norm it multiplies by more
+            than :data:`GROWTH_LIMIT`, stop after it.
+    """
+    parameters = list(parameters)
     norm = None
-    if max_grad_norm is not None:
-        total = torch.nn.utils.clip_grad_norm_(list(parameters), max_grad_norm)
-        # with sharded (DTensor) gradients the norm is a DTensor of the global norm
-        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+    if max_grad_norm is not None or check is not None:
+        total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        norm = _as_float(total)
+        if check is not None and not math.isfinite(norm):
+            raise check.diverged(f"the gradient norm is {norm}", False)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total)
+    if check is not None and check.weights_norm is None:
+        check.weights_norm = _weights_norm(parameters)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    if check is not None:
+        before, after = check.weights_norm, _weights_norm(parameters)
+        check.weights_norm = after
+        if not math.isfinite(after):
+            raise check.diverged(f"the update left the weights' norm {after}", True)
+        if before > 0 and after > GROWTH_LIMIT * before:
+            raise check.diverged(
+                f"the update multiplied the weights' norm by {after / before:.3g} (from "
+                f"{before:.4g} to {after:.4g}): training diverges",
+                True,
+            )
+    return norm if max_grad_norm is not None else None
+
+
+def stopped(problem: str, step: int, good_checkpoint: str | Path | None) -> TrainingError:
+    """The error that stops a diverging run: what went wrong at which step, and the newest
+    checkpoint whose weights are good (or that none was saved)."""
+    kept = (
+        f"the last good checkpoint is {good_checkpoint}"
+        if good_checkpoint
+        else "no good checkpoint was saved before it"
+    )
+    return TrainingError(
+        f"{problem} at step {step}; training stopped ({kept}). Lower the learning rate, check "
+        "the data, or use fp32"
+    )
 
 
 def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
-    """Stop the run on a NaN or infinite loss, naming the step and the checkpoint to go back to."""
+    """Stop the run on a NaN or infinite loss, naming the step and the checkpoint to go back to.
+
+    The weights that gave this loss are those after step ``step - 1``: a checkpoint of that
+    step holds them, so the one named is the newest of an earlier step (``last_checkpoint``,
+    the latest saved, or one beside it).
+    """
     if math.isfinite(loss):
         return
-    kept = (
-        f"the last good checkpoint is {last_checkpoint}"
-        if last_checkpoint
-        else "no checkpoint was saved before it"
-    )
-    raise TrainingError(
-        f"the loss is {loss} at step {step}; training stopped ({kept}). Lower the learning rate, "
-        f"check the data, or use fp32"
-    )
+    raise stopped(f"the loss is {loss}", step, newest_up_to(last_checkpoint, step - 2))
 
 
 @torch.no_grad()

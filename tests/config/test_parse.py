@@ -77,8 +77,12 @@ def test_overrides_may_come_before_and_after_the_config(run_file):
     assert config.recipe_arguments(["a=1", "--config", run_file, "~b", "c=2"]) == (
         run_file,
         ["a=1", "~b", "c=2"],
+        [],
     )
-    assert config.recipe_arguments([f"--config={run_file}"]) == (run_file, [])
+    assert config.recipe_arguments([f"--config={run_file}"]) == (run_file, [], [])
+    assert config.recipe_arguments(
+        ["--allow-import", "my.losses", f"--config={run_file}", "--allow-import=other"]
+    ) == (run_file, [], ["my.losses", "other"])
 
 
 def test_launcher_options_after_the_recipe_get_a_hint():

@@ -201,9 +201,13 @@ def test_chat_data_without_a_template_says_how_to_set_one(tmp_path, tokenizer_fo
     del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text((tokenizer_folder / "tokenizer.json").read_text())
+    source = write_jsonl(tmp_path / "chats.jsonl", SHAREGPT)
+    with pytest.raises(ChatTemplateError, match=r"no chat template.*set tokenizer\.chat_template"):
+        chat_dataset(from_pretrained(folder), source, cache_dir=cache)
+    # so does asking for the template with text rows (tests/data/test_plain_text.py: without it)
     source = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
     with pytest.raises(ChatTemplateError, match=r"no chat template.*set tokenizer\.chat_template"):
-        instruct_dataset(from_pretrained(folder), source, cache_dir=cache)
+        instruct_dataset(from_pretrained(folder), source, use_chat_template=True, cache_dir=cache)
     # plain text needs no template
     text = tmp_path / "book.txt"
     text.write_text("some words\n")

@@ -29,9 +29,20 @@ def template_source(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def make_tokenizer_folder(name: str, folder: Path) -> Path:
-    """A model folder with a small BPE tokenizer and the real template ``name``."""
-    spec = SPECIAL_TOKENS[name]
+def make_tokenizer_folder(name: str, folder: Path, base_eos: str | None = None) -> Path:
+    """A model folder with a small BPE tokenizer and the real template ``name``.
+
+    Args:
+        name: the template.
+        folder: where to write.
+        base_eos: make it a base checkpoint's folder with the instruct template: this token
+            (say ``<|end_of_text|>``) is the EOS, and ``generation_config.json`` lists only it,
+            as a base model ships them.
+    """
+    spec = dict(SPECIAL_TOKENS[name])
+    if base_eos is not None:
+        spec["extra"] = [*spec.get("extra", []), spec["eos"]]  # still a token of the vocabulary
+        spec["eos"] = base_eos
     named = [spec.get(k) for k in ("bos", "eos", "pad", "unk", "end_of_turn")]
     specials = list(dict.fromkeys(t for t in [*named, *spec.get("extra", [])] if t))
     tokenizer = Tokenizer(models.BPE(unk_token=spec.get("unk")))
@@ -58,7 +69,9 @@ def make_tokenizer_folder(name: str, folder: Path) -> Path:
         "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    # As real checkpoints do, generation_config.json lists every token that ends a reply.
-    stops = dict.fromkeys(tokenizer.token_to_id(t) for t in (spec["eos"], spec["end_of_turn"]))
+    # As real instruct checkpoints do, generation_config.json lists every token that ends a
+    # reply; a base checkpoint's lists its EOS only.
+    ends = (spec["eos"],) if base_eos is not None else (spec["eos"], spec["end_of_turn"])
+    stops = dict.fromkeys(tokenizer.token_to_id(t) for t in ends)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(stops)}))
     return folder

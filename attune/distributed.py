@@ -1,0 +1,73 @@
+"""Reductions across the processes of a run, device-agnostic: the ground floor every layer that
+sums, averages or agrees across ranks goes through.
+
+On one process (no process group, or a group of one) every function returns its input as it
+is, so the same code runs on one device and under torchrun. Tensors are reduced on the device
+the backend needs (the current accelerator for NCCL, the CPU for gloo) and come back on the
+device they came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """How many processes share the run (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def collective_device() -> torch.device:
+    """Where the default group's backend reduces tensors: the current accelerator for NCCL
+    (and other device backends), the CPU for gloo."""
+    backend = dist.get_backend()
+    if backend == "gloo":
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every process, on its own device (itself on one process)."""
+    return _reduced(tensor, dist.ReduceOp.SUM)
+
+
+def all_ranks_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elementwise maximum over every process (itself on one process)."""
+    return _reduced(tensor, dist.ReduceOp.MAX)
+
+
+def _reduced(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    where = collective_device()
+    reduced = tensor.detach().to(where, copy=True)
+    dist.all_reduce(reduced, op=op)
+    return reduced.to(tensor.device)
+
+
+def all_ranks_sums(values: Sequence[int | float]) -> list:
+    """Numbers each summed over every process, in one collective (themselves on one process):
+    integers stay exact integers when they all are, else every sum is a float (float64)."""
+    if not is_distributed():
+        return list(values)
+    exact = all(isinstance(value, int) and not isinstance(value, bool) for value in values)
+    totals = torch.tensor(list(values), dtype=torch.long if exact else torch.float64)
+    return all_ranks_sum(totals).tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must ask)."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_ranks_max(torch.tensor([int(flag)])).item())
