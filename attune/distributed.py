@@ -1,5 +1,8 @@
-"""Reductions across the processes of a run, device-agnostic: the ground floor every layer that
-sums, averages or agrees across ranks goes through.
+"""The processes of a run and the reductions across them, device-agnostic: the ground floor
+every layer that joins the process group, sums, averages or agrees across ranks goes through.
+
+Launched by torchrun (``tune run --nproc_per_node N ...``), every process runs the same recipe
+and joins the group (:func:`init_world`); alone, a process joins nothing.
 
 On one process (no process group, or a group of one) every function returns its input as it
 is, so the same code runs on one device and under torchrun. Tensors are reduced on the device
@@ -9,7 +12,10 @@ device they came from.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,3 +77,54 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return bool(flag)
     return bool(all_ranks_max(torch.tensor([int(flag)])).item())
+
+
+@dataclass
+class World:
+    """This process among the data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: Any = None  # a 1-D DeviceMesh when distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (a collective: every process must ask)."""
+        return any_rank(flag)
+
+
+def init_world(device_type: str) -> World:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); one process alone
+    joins nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    mesh = init_device_mesh(device_type, (world_size,))
+    return World(dist.get_rank(), world_size, local_rank, mesh)
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group. Every rank first waits for the others, so no collective is in
+    flight while the group is torn down (a gloo group destroyed mid-collective, or left to the
+    interpreter's exit, can abort the process)."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

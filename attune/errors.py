@@ -37,6 +37,20 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+class RunStopped(Exception):
+    """A run that stopped early as asked (SIGINT/SIGTERM), its checkpoint saved and where to
+    resume already said: not an error. Library code raises it; the command line exits with
+    ``exit_code`` (128 + the signal's number, the shell's convention).
+
+    Args:
+        exit_code: the process's exit status.
+    """
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"stopped, exit status {exit_code}")
+        self.exit_code = exit_code
+
+
 def format_user_error(error: AttuneError, prefix: str = "error") -> str:
     """The text printed for a user error: ``"<prefix>: <message>"``."""
     return f"{prefix}: {error}"
@@ -48,10 +62,14 @@ def exit_on_user_error(prefix: str = "error") -> Iterator[None]:
 
     A ``KeyboardInterrupt`` that reaches here exits with status 130 and no traceback, with its
     message when it has one (where a training run stopped); code that must save work on an
-    interrupt handles it before it gets this far.
+    interrupt handles it before it gets this far. A :class:`RunStopped` exits quietly with its
+    status.
     """
     try:
         yield
+    except RunStopped as stopped:
+        _close_progress_bars()
+        raise SystemExit(stopped.exit_code) from None
     except AttuneError as error:
         if debug_enabled():
             traceback.print_exc()

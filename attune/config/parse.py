@@ -114,7 +114,9 @@ def parse(schema: Schema | RecipeMain | None = None) -> Any:
                     os.environ[DEBUG_ENV] = "1"
                 name, overrides, allowed = recipe_arguments(arguments, prog)
                 cfg = load_config(name, overrides)
-                trust_run(cfg.get(IMPORTS_KEY), allowed, inspect.getfile(recipe_main))
+                trust_run(
+                    cfg.get(IMPORTS_KEY), allowed, inspect.getfile(inspect.unwrap(recipe_main))
+                )
                 check(cfg, schema)
                 return recipe_main(cfg)
 

@@ -70,6 +70,8 @@ class Expects:
         positional: how many positional arguments calling the object takes, or None.
         keywords: keyword arguments calling the object passes besides those.
         minimums: the smallest value of numeric arguments the config gives (``{"lr": 0}``).
+        own_keys: keys of the node that the slot's reader takes itself and does not pass to
+            the component (the optimizer's ``decay_norms_and_biases``).
     """
 
     what: str
@@ -77,6 +79,7 @@ class Expects:
     positional: int | None = None
     keywords: tuple[str, ...] = ()
     minimums: Mapping[str, float] = field(default_factory=dict)
+    own_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,8 @@ def _check_component(
         if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
     hints = _type_hints(component)
-    arguments = {k: v for k, v in node.items() if k not in RESERVED_KEYS}
+    own = expects.own_keys if expects is not None else ()
+    arguments = {k: v for k, v in node.items() if k not in RESERVED_KEYS and k not in own}
     for name, value in arguments.items():
         child = f"{key}.{name}"
         if name not in named:

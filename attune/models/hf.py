@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,7 @@ def save_pretrained(
     folder: str | Path,
     source: str | Path | None = None,
     max_shard_size: int | str | None = "5GB",
-    state: dict[str, torch.Tensor] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
     encode: Callable[[dict[str, torch.Tensor]], EncodedWeights] | None = None,
 ) -> Path:
     """Write ``model`` as a HF folder that transformers loads as it is.

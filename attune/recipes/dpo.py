@@ -22,17 +22,13 @@ SCHEMA = {
 }
 
 
-@config.parse(SCHEMA)
-def recipe_main(cfg):
-    with training.start_run(cfg) as run:
-        train(cfg, run)
-
-
-def train(cfg, run):
+@training.recipe(SCHEMA)
+def recipe_main(cfg, run):
     # The objective first (a bad beta ends the run before any work), then the policy (sharded
     # under torchrun), its adapters, and where to resume
     loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
-    tokenizer, lora, checkpointer, resumed_from, policy = training.setup_training(cfg, run)
+    setup = training.setup_training(cfg, run)
+    policy, tokenizer, lora = setup.model, setup.tokenizer, setup.lora
 
     # Preference pairs (and held-out ones), and the objective's reference: none,
     # precomputed once, the policy without its adapters, or a frozen copy of the model
@@ -52,7 +48,7 @@ def train(cfg, run):
     if validation is not None:
         held_out_objective = rl.PreferenceObjective(loss_fn, reference, caches.get("validation"))
     held_out = training.HeldOutPairs(
-        validation, policy, lambda batch: held_out_objective(policy, batch, run.precision())[1],
+        validation, policy, lambda batch: held_out_objective(policy, batch, run.precision)[1],
         run, batch_size=cfg.batch_size, pad_id=pad_id, accuracy="logps/accuracy",
         wins="the chosen reply is the more likely", means_of=rl.mean_statistics,
         every=cfg.get("eval_every_n_steps"),
@@ -60,30 +56,21 @@ def train(cfg, run):
 
     # The loop (optimizer, schedule, checkpoints, metrics)
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
-    loop = training.training_loop(cfg, run, policy, stream, checkpointer, lora)
-    if resumed_from is not None:
-        loop.resume(resumed_from)
+    loop = training.training_loop(cfg, run, setup, stream)
     answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if resumed_from is None:
+    if not loop.resumed:
         held_out.report("before")
         answers.record(policy, "before")
 
     # The loop: one optimizer step per item; the loss is the mean over the step's pairs
     for micro_batches in loop:
-        pairs, input_tokens, sums = training.accumulated_backward(
-            policy,
-            micro_batches,
-            lambda batch: int(batch["pairs"]),
-            lambda batch: objective(policy, batch, run.precision()),
-            run.device,
-        )
-        means = rl.mean_statistics(pairs, sums)
-        training.check_finite(means["loss"], loop.step, loop.last_saved)
-        grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
-        loop.count(input_tokens)
-        loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
+        training.pairwise_step(
+            loop, policy, micro_batches, objective, run, cfg.get("clip_grad_norm"),
+            means_of=rl.mean_statistics,
+        )  # fmt: skip
         if held_out.due(loop.step):
             loop.log_now(held_out.metrics())
+        loop.end_step()
     loop.finish()
     held_out.report("after")
     answers.record(policy, "after")

@@ -24,17 +24,12 @@ SCHEMA = {
 }
 
 
-@config.parse(SCHEMA)
-def recipe_main(cfg):
-    with training.start_run(cfg) as run:
-        train(cfg, run)
-
-
-def train(cfg, run):
-    # Model (sharded across processes under torchrun), adapters, fake quantization for QAT,
-    # and where to resume
+@training.recipe(SCHEMA)
+def recipe_main(cfg, run):
+    # Model (sharded under torchrun), adapters, QAT's fake quantization, where to resume
     scheme = config.instantiate(cfg.get("quantization"))
-    tokenizer, lora, checkpointer, resumed_from, model = training.setup_training(cfg, run, scheme)
+    setup = training.setup_training(cfg, run, scheme)
+    model, tokenizer = setup.model, setup.tokenizer
     fake_quant_from = cfg.get("fake_quant_after_n_steps") or 0
 
     # Data, loss, and the loop (optimizer, schedule, checkpoints, metrics)
@@ -45,14 +40,12 @@ def train(cfg, run):
     loss_fn = config.instantiate(cfg.get("loss")) or training.ChunkedCrossEntropy()
     validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
     eval_every = cfg.get("eval_every_n_steps")
-    loop = training.training_loop(cfg, run, model, stream, checkpointer, lora)
-    if resumed_from is not None:
-        loop.resume(resumed_from)
+    loop = training.training_loop(cfg, run, setup, stream)
     answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if resumed_from is None:
+    if not loop.resumed:
         answers.record(model, "before")
 
-    # The loop: one optimizer step per item; the loop object logs, checkpoints and stops
+    # The loop: one optimizer step per item
     for micro_batches in loop:
         if scheme is not None:
             quantization.set_fake_quantization(model, loop.step > fake_quant_from)
@@ -68,14 +61,16 @@ def train(cfg, run):
                 model, validation, loss_fn, cfg.batch_size, pad_id, run
             )
             loop.log_now({"val_loss": val_loss})
+        loop.end_step()
     loop.finish()
     answers.record(model, "after")
 
     # QAT's convert: the quantized model, written and scored against full precision
     if scheme is not None:
         report = training.quantized_report(
-            run, model, scheme, lora, validation, loss_fn, cfg.batch_size, pad_id, True, tokenizer
-        )
+            run, model, scheme, setup.lora, validation, loss_fn, cfg.batch_size, pad_id, True,
+            tokenizer,
+        )  # fmt: skip
         loop.log_after(report)
 
 

@@ -52,7 +52,7 @@ def recipe_main(cfg):
     dtype = training.resolve_dtype(cfg.get("dtype", "fp32"))
     generator = torch.Generator(device=device).manual_seed(cfg.get("seed", 0))
     tokenizer = config.instantiate(cfg.tokenizer)
-    model, _ = training.model_to_use(cfg, dtype, device)
+    model, _ = training.inference_model(cfg, dtype, device)
 
     prompts = OmegaConf.to_container(cfg.prompts, resolve=True)
     if cfg.get("chat", True):
@@ -73,9 +73,7 @@ def recipe_main(cfg):
                 model,
                 inputs[start : start + batch_size],
                 cfg.get("max_new_tokens", 64),
-                temperature=cfg.get("temperature", 0.0),
-                top_k=cfg.get("top_k"),
-                top_p=cfg.get("top_p"),
+                **training.sampling_options(cfg, temperature=0.0),
                 stop_tokens=tokenizer.stop_token_ids,
                 pad_id=pad_id,
                 generator=generator,

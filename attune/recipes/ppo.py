@@ -20,6 +20,7 @@ import functools
 import torch
 
 from attune import config, peft, rl, training
+from attune.distributed import all_ranks_sums
 from attune.errors import ConfigError
 
 SCHEMA = {
@@ -33,23 +34,18 @@ SCHEMA = {
 }
 
 
-@config.parse(SCHEMA)
-def recipe_main(cfg):
-    with training.start_run(cfg) as run:
-        train(cfg, run)
-
-
-def train(cfg, run):
+@training.recipe(SCHEMA)
+def recipe_main(cfg, run):
     # Settings first (a bad one ends the run before any work), then the policy (with its
     # adapters), the value model, the frozen reference and the reward source
     settings = config.instantiate(cfg.get("ppo")) or rl.PPOSettings()
     minibatches = settings.minibatches(cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
     distributed = run.world.distributed
     reward = config.instantiate(cfg.reward)
-    tokenizer, lora, checkpointer, resumed_from, policy = training.setup_training(cfg, run)
-    value = training.setup_model(
-        cfg.value_model, run, weights=resumed_from / "value" if resumed_from else None
-    )
+    setup = training.setup_training(cfg, run)
+    policy, tokenizer, lora = setup.model, setup.tokenizer, setup.lora
+    saved_value = setup.resume_from / "value" if setup.resume_from else None
+    value = training.build_model(cfg.value_model, run, weights=saved_value)
     if value.config.num_labels != 1:
         raise ConfigError(
             "the value model has one output: give value_model num_labels: 1 (or a reward "
@@ -65,22 +61,15 @@ def train(cfg, run):
     run.print(f"{len(dataset)} prompts; {dataset.stats.summary(dataset.max_seq_len)}")
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
     loop = training.training_loop(
-        cfg,
-        run,
-        policy,
-        stream,
-        checkpointer,
-        lora,
-        companions={"value": value},
+        cfg, run, setup, stream, companions={"value": value},
         updates_per_step=settings.epochs * minibatches,
-    )
+    )  # fmt: skip
     kl_control = rl.KLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
     kl_limit = rl.KLLimit(settings.kl_limit)
-    if resumed_from is not None:
-        loop.resume(resumed_from)
+    if loop.resumed:
         kl_control.load_state_dict(loop.recipe_state)
     answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if resumed_from is None:
+    if not loop.resumed:
         answers.record(policy, "before")
     seed = cfg.get("seed", 0)
 
@@ -98,9 +87,7 @@ def train(cfg, run):
             policy,
             prompts,
             cfg.max_new_tokens,
-            temperature=cfg.get("temperature", 1.0),
-            top_k=cfg.get("top_k"),
-            top_p=cfg.get("top_p"),
+            **training.sampling_options(cfg, temperature=1.0),
             stop_tokens=tokenizer.stop_token_ids,
             pad_id=pad_id,
             generator=generator,
@@ -110,13 +97,13 @@ def train(cfg, run):
 
         # 2. Scores, per-token rewards, advantages (no gradients)
         with torch.no_grad():
-            hidden = rl.response_hidden(policy, rollout, run.precision())
+            hidden = rl.response_hidden(policy, rollout, run.precision)
             with frozen.reference(policy) as model:
                 adapters = (
                     peft.disabled_adapters(model) if adapters_off else contextlib.nullcontext()
                 )
                 with adapters:
-                    ref_hidden = rl.response_hidden(model, rollout, run.precision())
+                    ref_hidden = rl.response_hidden(model, rollout, run.precision)
                 head = frozen.head_of(model)
                 # the policy's and reference's heads projected once for all four
                 scored = rl.score_rollout(hidden, ref_hidden, rollout, policy.output, head)
@@ -183,8 +170,8 @@ def train(cfg, run):
             "response_tokens": mask.sum(), "stopped": rollout.stopped.sum(),
             "input_tokens": rollout.padding_mask.sum(),
         }  # fmt: skip
-        total = dict(zip(local, training.all_ranks_sums(
-            [float(value) for value in local.values()], run.device), strict=True))  # fmt: skip
+        total = dict(zip(local, all_ranks_sums(
+            [float(value) for value in local.values()]), strict=True))  # fmt: skip
         rollouts = total["rollouts"]
         mean_score = total["score"] / rollouts
         score_variance = (total["score_squares"] - rollouts * mean_score**2) / max(rollouts - 1, 1)
@@ -206,6 +193,7 @@ def train(cfg, run):
                 "grad_norm": grad_norm,
             }
         )
+        loop.end_step()
     loop.finish()
     answers.record(policy, "after")
 
@@ -219,7 +207,7 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
         batch["response_mask"].any(-1),
     )  # fmt: skip
     tokens = batch["response_mask"]
-    hidden = rl.response_hidden(policy, sample, precision())
+    hidden = rl.response_hidden(policy, sample, precision)
     logprobs = rl.response_logprobs(policy, sample, hidden=hidden)
     policy_loss, policy_stats = rl.clipped_policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], tokens, settings.clip_ratio
@@ -227,7 +215,7 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
     restoring = False
     if kl_limit.limit is not None:
         kl = rl.response_kl(hidden, batch["ref_hidden"], sample, policy.output, reference_output)
-        kl_sum, rows = training.all_ranks_sums([float(kl.detach().sum()), len(kl)], kl.device)
+        kl_sum, rows = all_ranks_sums([float(kl.detach().sum()), len(kl)])
         restoring = kl_limit.restores(kl_sum / rows)
         if restoring:
             policy_loss = kl.sum()

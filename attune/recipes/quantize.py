@@ -21,30 +21,22 @@ SCHEMA = {
 }
 
 
-@config.parse(SCHEMA)
-def recipe_main(cfg):
-    with training.start_run(cfg) as run:
-        # The scheme first (a bad one ends the run before any work), then the model
-        scheme = config.instantiate(cfg.quantization)
-        tokenizer = config.instantiate(cfg.tokenizer)
-        model, lora = training.model_to_use(cfg, run.dtype, run.device)
-        validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
-        loss_fn = config.instantiate(cfg.get("loss")) or training.ChunkedCrossEntropy()
+@training.recipe(SCHEMA)
+def recipe_main(cfg, run):
+    # The scheme first (a bad one ends the run before any work), then the model
+    scheme = config.instantiate(cfg.quantization)
+    tokenizer = config.instantiate(cfg.tokenizer)
+    model, lora = training.inference_model(cfg, run.dtype, run.device)
+    validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
+    loss_fn = config.instantiate(cfg.get("loss")) or training.ChunkedCrossEntropy()
 
-        # Quantize, write, load back, and score both on the held-out data
-        report = training.quantized_report(
-            run,
-            model,
-            scheme,
-            lora,
-            validation,
-            loss_fn,
-            cfg.get("batch_size", 8),
-            tokenizer.padding_id,
-            tokenizer=tokenizer,
-        )
-        if run.is_main and report:
-            training.append_metrics(run.output_dir, {"step": 0, **report})
+    # Quantize, write, load back, and score both on the held-out data
+    report = training.quantized_report(
+        run, model, scheme, lora, validation, loss_fn, cfg.get("batch_size", 8),
+        tokenizer.padding_id, tokenizer=tokenizer,
+    )  # fmt: skip
+    if run.is_main and report:
+        training.append_metrics(run.output_dir, {"step": 0, **report})
 
 
 if __name__ == "__main__":

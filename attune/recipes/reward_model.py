@@ -21,13 +21,8 @@ SCHEMA = {
 }
 
 
-@config.parse(SCHEMA)
-def recipe_main(cfg):
-    with training.start_run(cfg) as run:
-        train(cfg, run)
-
-
-def train(cfg, run):
+@training.recipe(SCHEMA)
+def recipe_main(cfg, run):
     # The objective (a bad setting ends the run before any work), then the scoring model
     objective = rl.RewardObjective(config.instantiate(cfg.get("loss")) or rl.BradleyTerryLoss())
     if cfg.get("lora") is not None:
@@ -35,7 +30,8 @@ def train(cfg, run):
             "reward models train in full here (their new score head has no LoRA form peft "
             "reads back); remove the lora section"
         )
-    tokenizer, _, checkpointer, resumed_from, model = training.setup_training(cfg, run)
+    setup = training.setup_training(cfg, run)
+    model, tokenizer = setup.model, setup.tokenizer
     if model.config.num_labels != 1:
         raise ConfigError(
             "a reward model has one output: give the model component num_labels: 1 (for "
@@ -49,35 +45,25 @@ def train(cfg, run):
     run.print(f"{len(dataset)} preference pairs; {dataset.stats.summary(dataset.max_seq_len)}")
 
     held_out = training.HeldOutPairs(
-        validation, model, lambda batch: objective(model, batch, run.precision())[1], run,
+        validation, model, lambda batch: objective(model, batch, run.precision)[1], run,
         batch_size=cfg.batch_size, pad_id=pad_id, accuracy="accuracy",
         wins="the chosen reply scores higher", every=cfg.get("eval_every_n_steps"),
     )  # fmt: skip
 
     # The loop (optimizer, schedule, checkpoints, metrics)
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
-    loop = training.training_loop(cfg, run, model, stream, checkpointer, None)
-    if resumed_from is not None:
-        loop.resume(resumed_from)
-    else:
+    loop = training.training_loop(cfg, run, setup, stream)
+    if not loop.resumed:
         held_out.report("before")
 
     # The loop: one optimizer step per item; the loss is the mean over the step's pairs
     for micro_batches in loop:
-        pairs, input_tokens, sums = training.accumulated_backward(
-            model,
-            micro_batches,
-            lambda batch: int(batch["pairs"]),
-            lambda batch: objective(model, batch, run.precision()),
-            run.device,
+        training.pairwise_step(
+            loop, model, micro_batches, objective, run, cfg.get("clip_grad_norm")
         )
-        means = {name: value / max(pairs, 1) for name, value in sums.items()}
-        training.check_finite(means["loss"], loop.step, loop.last_saved)
-        grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
-        loop.count(input_tokens)
-        loop.log({**means, "pairs": pairs, "grad_norm": grad_norm})
         if held_out.due(loop.step):
             loop.log_now(held_out.metrics())
+        loop.end_step()
     loop.finish()
     held_out.report("after")
 

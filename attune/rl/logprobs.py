@@ -1,22 +1,23 @@
 """Log-probabilities of whole completions, without full-vocabulary fp32 logits.
 
 Preference and policy-gradient losses compare how likely a model finds each completion: the sum
-of its trained tokens' log-probabilities. As in :class:`attune.training.ChunkedCrossEntropy`,
-only the trained positions are projected to the vocabulary, a chunk at a time, and each chunk's
-logits are recomputed in the backward pass instead of kept.
+of its trained tokens' log-probabilities. Only the trained positions are projected to the
+vocabulary, a chunk at a time, by :func:`attune.models.chunked_head.head_by_chunks` (each
+chunk's logits recomputed in the backward pass instead of kept).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from attune.data.collate import IGNORE_INDEX
+from attune.models import TransformerDecoder
+from attune.models.chunked_head import head_by_chunks
+from attune.precision import Precision, entered
 
 
 def _by_chunks(
@@ -25,17 +26,10 @@ def _by_chunks(
     constants: tuple,
     chunk_size: int,
 ) -> torch.Tensor:
-    """``function(*row_chunks, *constants)`` over ``chunk_size`` rows at a time, concatenated;
-    under autograd each chunk's intermediates (its logits) are recomputed in the backward
-    pass instead of kept."""
-    pieces = []
-    for start in range(0, rows[0].shape[0], chunk_size):
-        chunk = (*(tensor[start : start + chunk_size] for tensor in rows), *constants)
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(function, *chunk, use_reentrant=False))
-        else:
-            pieces.append(function(*chunk))
-    if not pieces:  # no positions: the function's own empty result, of the right shape
+    """:func:`~attune.models.chunked_head.head_by_chunks`' pieces concatenated, or with no
+    rows the function's own empty result, of the right shape."""
+    pieces = list(head_by_chunks(function, rows, constants, chunk_size))
+    if not pieces:
         return function(*(tensor[:0] for tensor in rows), *constants)
     return torch.cat(pieces)
 
@@ -212,9 +206,9 @@ class PairLogprobs:
 
 
 def pair_logprobs(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     batch: dict[str, torch.Tensor],
-    precision: contextlib.AbstractContextManager | None = None,
+    precision: Precision | None = None,
     chunk_size: int = 1024,
 ) -> PairLogprobs:
     """One forward pass over a preference batch (from
@@ -225,12 +219,12 @@ def pair_logprobs(
         model: a decoder (``model(tokens, return_hidden=True)`` and ``model.output``).
         batch: ``tokens``, ``labels``, ``sequence_ids``, ``pairs`` and, packed,
             ``document_ids``.
-        precision: the forward pass's autocast context, or None.
+        precision: makes the forward pass's autocast context (None: none).
         chunk_size: trained positions projected to logits at once.
     """
     pairs = int(batch["pairs"])
     inputs = {name: batch[name] for name in ("padding_mask", "document_ids") if name in batch}
-    with precision if precision is not None else contextlib.nullcontext():
+    with entered(precision):
         hidden = model(batch["tokens"], return_hidden=True, **inputs)
         sums, counts = sequence_logprobs(
             hidden,

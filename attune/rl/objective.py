@@ -8,11 +8,12 @@ micro-batches and ranks can divide by the pairs of the whole step.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 
+from attune.models import TransformerDecoder
+from attune.precision import Precision
 from attune.rl.logprobs import PairLogprobs, pair_logprobs
 from attune.rl.preference_losses import PreferenceLoss
 from attune.rl.reference import ReferenceLogprobs
@@ -65,14 +66,15 @@ class PreferenceObjective:
             return None, None
         if self.cache is not None:
             return self.cache.lookup(batch["pair_index"])
+        assert self.reference is not None, "checked when the objective was made"
         scored = self.reference(batch)
         return scored.chosen, scored.rejected
 
     def __call__(
         self,
-        policy: torch.nn.Module,
+        policy: TransformerDecoder,
         batch: dict[str, torch.Tensor],
-        precision: contextlib.AbstractContextManager | None = None,
+        precision: Precision | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # the reference first: its activations are gone before the policy's are made
         reference = self.reference_logprobs(batch)

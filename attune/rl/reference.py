@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader
 from attune.data.collate import preference_collate
 from attune.data.tokenized import TokenizedDataset
 from attune.distributed import all_ranks_sum
+from attune.models import TransformerDecoder
+from attune.precision import Precision
 from attune.rl.logprobs import PairLogprobs, pair_logprobs
 
 
@@ -136,7 +138,7 @@ class ReferenceLogprobs:
 
 
 @contextlib.contextmanager
-def reference_context(model: torch.nn.Module) -> Iterator[None]:
+def reference_context(model: TransformerDecoder) -> Iterator[None]:
     """No gradients, and the model in eval mode inside the block (put back after)."""
     was_training = model.training
     model.eval()
@@ -148,9 +150,9 @@ def reference_context(model: torch.nn.Module) -> Iterator[None]:
 
 
 def reference_scorer(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     adapters_off: bool,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    precision: Precision | None = None,
 ) -> Callable[[dict[str, torch.Tensor]], PairLogprobs]:
     """A batch -> its pairs' reference log-probabilities, from ``model`` (the policy with its
     adapters switched off when ``adapters_off``, else a frozen reference copy), without
@@ -160,6 +162,6 @@ def reference_scorer(
     def score(batch: dict[str, torch.Tensor]) -> PairLogprobs:
         adapters = disabled_adapters(model) if adapters_off else contextlib.nullcontext()
         with reference_context(model), adapters:
-            return pair_logprobs(model, batch, precision() if precision is not None else None)
+            return pair_logprobs(model, batch, precision)
 
     return score

@@ -9,7 +9,6 @@ non-padding token, so it gives the same score to a sequence cut after that token
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,8 @@ import torch.nn.functional as F
 
 from attune.config import Expects
 from attune.data.collate import IGNORE_INDEX
+from attune.models import TransformerDecoder
+from attune.precision import Precision, entered
 from attune.rl.preference_losses import PreferenceLossError
 
 
@@ -37,15 +38,15 @@ def sequence_end_positions(
 
 
 def pair_rewards(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     batch: dict[str, torch.Tensor],
-    precision: contextlib.AbstractContextManager | None = None,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over a preference batch (padded or packed, on the model's device):
     each pair's ``(chosen, rejected)`` rewards, ``[pairs]`` fp32 each."""
     pairs = int(batch["pairs"])
     inputs = {name: batch[name] for name in ("padding_mask", "document_ids") if name in batch}
-    with precision if precision is not None else contextlib.nullcontext():
+    with entered(precision):
         hidden = model(batch["tokens"], return_hidden=True, **inputs)
         ends = sequence_end_positions(batch["labels"], batch["sequence_ids"], 2 * pairs)
         rewards = model.output(hidden.reshape(-1, hidden.shape[-1])[ends]).squeeze(-1).float()
@@ -109,9 +110,9 @@ class RewardObjective:
 
     def __call__(
         self,
-        model: torch.nn.Module,
+        model: TransformerDecoder,
         batch: dict[str, torch.Tensor],
-        precision: contextlib.AbstractContextManager | None = None,
+        precision: Precision | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = pair_rewards(model, batch, precision)
         losses = self.loss(chosen, rejected, batch.get("margin"))

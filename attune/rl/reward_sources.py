@@ -21,7 +21,6 @@ responses (special tokens left out) and ``columns`` every other column of the pr
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import torch
 
 from attune.config import Expects
 from attune.errors import CheckpointError, ConfigError
+from attune.models import TransformerDecoder
+from attune.precision import Precision
 from attune.rl.rollout import Rollout, sequence_end_scores
 
 REWARD_SOURCE = Expects(
@@ -66,7 +67,7 @@ class FunctionReward:
         prompts: Sequence[str],
         completions: Sequence[str],
         columns: Sequence[Mapping[str, Any]],
-        precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+        precision: Precision | None = None,
     ) -> torch.Tensor:
         """``[batch]`` fp32 scores, on the rollout's device."""
         names = {name for row in columns for name in row}
@@ -109,7 +110,7 @@ class ModelReward:
             raise CheckpointError(f"{path}: a reward model has one output, this one {labels}")
         self.scale = scale
         self.bias = bias
-        self.model: torch.nn.Module | None = None
+        self.model: TransformerDecoder | None = None
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         """Load the model (frozen, in eval mode) onto ``device`` in ``dtype``."""
@@ -125,7 +126,7 @@ class ModelReward:
         prompts: Sequence[str],
         completions: Sequence[str],
         columns: Sequence[Mapping[str, Any]],
-        precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+        precision: Precision | None = None,
     ) -> torch.Tensor:
         """``[batch]`` fp32 scores, on the rollout's device."""
         if self.model is None:

@@ -8,13 +8,13 @@ count each row's own tokens only, so a row scores as it would alone.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from attune.models import generate
+from attune.models import TransformerDecoder, generate
+from attune.precision import Precision, entered
 from attune.rl.logprobs import token_kl, token_logprobs, token_statistics
 
 
@@ -98,7 +98,7 @@ class Rollout:
 
 @torch.no_grad()
 def generate_rollout(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -135,14 +135,14 @@ def generate_rollout(
 
 
 def response_hidden(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     rollout: Rollout,
-    precision: contextlib.AbstractContextManager | None = None,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """``[batch, response_len, hidden]``: the final hidden states at the positions that
     predict each response token (a policy's next-token distribution, a value model's value of
     the state before the token)."""
-    with precision if precision is not None else contextlib.nullcontext():
+    with entered(precision):
         hidden = model(
             rollout.tokens,
             positions=rollout.positions,
@@ -153,9 +153,9 @@ def response_hidden(
 
 
 def response_logprobs(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     rollout: Rollout,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    precision: Precision | None = None,
     chunk_size: int = 1024,
     *,
     hidden: torch.Tensor | None = None,
@@ -164,7 +164,7 @@ def response_logprobs(
     (0 past a response's end), projected to the vocabulary only where there are response
     tokens. ``hidden``: the model's :func:`response_hidden`, when already computed."""
     if hidden is None:
-        hidden = response_hidden(model, rollout, precision() if precision is not None else None)
+        hidden = response_hidden(model, rollout, precision)
     mask = rollout.response_mask
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     return logprobs.masked_scatter(
@@ -243,26 +243,26 @@ def response_kl(
 
 
 def response_values(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     rollout: Rollout,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """A value model's estimate of each response state, ``[batch, response_len]`` fp32
     (0 past a response's end): the score head read where each response token is predicted."""
-    hidden = response_hidden(model, rollout, precision() if precision is not None else None)
+    hidden = response_hidden(model, rollout, precision)
     values = model.output(hidden).squeeze(-1).float()
     return values.masked_fill(~rollout.response_mask, 0.0)
 
 
 def sequence_end_scores(
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     rollout: Rollout,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """A reward model's score of each whole sequence, ``[batch]`` fp32: its score head read at
     the response's last token (the stop token, when it stopped), where attune's reward models
     are trained to read it."""
-    with precision() if precision is not None else contextlib.nullcontext():
+    with entered(precision):
         hidden = model(
             rollout.tokens,
             positions=rollout.positions,

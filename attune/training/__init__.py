@@ -1,12 +1,27 @@
 """The shared mechanics of every recipe: run setup, data streams, losses, optimizers and
 schedules, the training step, checkpoints, metrics and the held-out answer check."""
 
+from attune.distributed import World
 from attune.training.answer_check import AnswerCheck, AnswerLog, AnswerReport
+from attune.training.checkpoint_state import (
+    restore_checkpoint,
+    resume_point,
+    save_checkpoint,
+    weights_writer,
+)
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
-from attune.training.distributed import World, unsharded_root
+from attune.training.divergence import TrainingError, check_finite
+from attune.training.evaluate import evaluate, evaluated_sums, held_out_loss
 from attune.training.frozen import FrozenModels
 from attune.training.interrupt import StopSignals
+from attune.training.keys import (
+    MODEL_KEYS,
+    SAMPLING_KEYS,
+    TRAINING_KEYS,
+    VALIDATION_KEYS,
+    sampling_options,
+)
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import SFT_LOSS, ChunkedCrossEntropy, token_count
 from attune.training.metrics import (
@@ -16,28 +31,15 @@ from attune.training.metrics import (
     WandbLogger,
     append_metrics,
 )
-from attune.training.model_setup import (
-    apply_activation_checkpointing,
-    compile_layers,
-    describe_counts,
-    trainable_parameters,
-)
 from attune.training.optim import (
     build_optimizer,
     constant_with_warmup,
     cosine_with_warmup,
     linear_with_warmup,
 )
+from attune.training.pairwise import HeldOutPairs, pairwise_step
 from attune.training.quantized import QUANTIZED_FOLDER, quantized_report
-from attune.training.run import (
-    Run,
-    restore_checkpoint,
-    resume_point,
-    save_checkpoint,
-    setup_model,
-    start_run,
-    weights_writer,
-)
+from attune.training.run import Run, recipe, start_run
 from attune.training.runtime import (
     peak_memory_gb,
     resolve_device,
@@ -48,30 +50,19 @@ from attune.training.runtime import (
     state_memory_gb,
 )
 from attune.training.setup import (
-    MODEL_KEYS,
-    SAMPLING_KEYS,
-    TRAINING_KEYS,
-    VALIDATION_KEYS,
     TrainingSetup,
-    model_to_use,
-    prepare_model,
+    apply_activation_checkpointing,
+    build_model,
+    compile_layers,
+    describe_counts,
+    inference_model,
     reference_model,
     setup_training,
+    trainable_parameters,
     training_loop,
 )
-from attune.training.step import (
-    HeldOutPairs,
-    StepResult,
-    TrainingError,
-    accumulated_backward,
-    all_ranks_sums,
-    backward_step,
-    check_finite,
-    evaluate,
-    evaluated_sums,
-    held_out_loss,
-    optimizer_step,
-)
+from attune.training.sharding import unsharded_root
+from attune.training.step import StepResult, accumulated_backward, backward_step, optimizer_step
 
 __all__ = [
     "METRIC_LOGGER",
@@ -100,10 +91,10 @@ __all__ = [
     "WandbLogger",
     "World",
     "accumulated_backward",
-    "all_ranks_sums",
     "append_metrics",
     "apply_activation_checkpointing",
     "backward_step",
+    "build_model",
     "build_optimizer",
     "check_finite",
     "compile_layers",
@@ -114,22 +105,23 @@ __all__ = [
     "evaluate",
     "evaluated_sums",
     "held_out_loss",
+    "inference_model",
     "linear_with_warmup",
-    "model_to_use",
     "optimizer_step",
+    "pairwise_step",
     "peak_memory_gb",
-    "prepare_model",
     "quantized_report",
+    "recipe",
     "reference_model",
     "resolve_device",
     "resolve_dtype",
     "restore_checkpoint",
     "resume_point",
     "rng_state",
+    "sampling_options",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
-    "setup_model",
     "setup_training",
     "start_run",
     "state_memory_gb",

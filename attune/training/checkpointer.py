@@ -39,9 +39,9 @@ from attune.checkpoint.sharded import (
     load_failure,
     read_metadata,
 )
+from attune.distributed import World
 from attune.errors import CheckpointError
 from attune.tokenizer import Tokenizer
-from attune.training.distributed import World
 
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
@@ -184,7 +184,7 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         """Whether the periodic schedule saves after ``step``."""
         every = self.save_every_n_steps
-        return bool(every) and step % every == 0
+        return every is not None and every > 0 and step % every == 0
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from attune.peft import disabled_adapters
-from attune.training.distributed import unsharded_root
 from attune.training.run import Run
+from attune.training.sharding import unsharded_root
 
 
 class FrozenModels:

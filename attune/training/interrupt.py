@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 
 class StopSignals:
@@ -28,7 +29,8 @@ class StopSignals:
     def __init__(self, latest: Callable[[], Path | str | None] | None = None) -> None:
         self.requested: int | None = None
         self.latest = latest
-        self._previous: dict[int, object] = {}
+        # what signal.signal returns: a handler, SIG_DFL/SIG_IGN, or None (not set from Python)
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None and signum == signal.SIGINT:

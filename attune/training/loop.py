@@ -3,19 +3,19 @@ resume, and the metrics of each step.
 
 A recipe writes only what its method does in one step::
 
-    loop = training.training_loop(cfg, run, model, stream, checkpointer, lora)
-    if resumed_from is not None:
-        loop.resume(resumed_from)
+    loop = training.training_loop(cfg, run, setup, stream)  # resumed when the run continues
     for micro_batches in loop:           # one optimizer step per item
         result = ...                     # forward and backward
         loop.optimizer_step(cfg.get("clip_grad_norm"))
         loop.count(result.input_tokens)
         loop.log({"loss": result.loss})  # written on logging steps, with the common fields
-    loop.finish()                        # saves the last step; exits on a stop signal
+        loop.end_step()                  # metrics; a checkpoint when due or a signal came
+    loop.finish()                        # saves the last step; RunStopped on a stop signal
 
-After each step's body the loop writes the step's metrics, agrees with the other ranks whether
-a stop signal came, and saves a checkpoint when one is due or a signal asks for it, so a stopped
-run resumes at the exact step and data position it stopped at.
+:meth:`TrainingLoop.end_step` writes the step's metrics, agrees with the other ranks whether a
+stop signal came, and saves a checkpoint when one is due or a signal asks for it, so a stopped
+run resumes at the exact step and data position it stopped at. The recipe calls it, so where
+a checkpoint is taken is in the recipe's text; a step without it is a mistake the loop names.
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ from typing import Any
 
 import torch
 
-from attune.errors import CheckpointError
+from attune.errors import CheckpointError, RunStopped
+from attune.models import TransformerDecoder
 from attune.peft import LoraSettings
+from attune.training.checkpoint_state import restore_checkpoint, save_checkpoint
 from attune.training.checkpointer import STATE_DIR, STATE_FILE, Checkpointer, newest_up_to
 from attune.training.data import BatchStream
+from attune.training.divergence import UpdateCheck, stopped
 from attune.training.interrupt import StopSignals
 from attune.training.metrics import MetricLogger, MetricsWriter, append_metrics
-from attune.training.run import Run, restore_checkpoint, save_checkpoint
+from attune.training.run import Run
 from attune.training.runtime import peak_memory_gb, state_memory_gb
-from attune.training.step import UpdateCheck, optimizer_step, stopped
+from attune.training.step import optimizer_step
 
 
 def total_steps(stream: BatchStream, epochs: int, max_steps: int | None) -> int:
@@ -74,7 +77,7 @@ class TrainingLoop:
     def __init__(
         self,
         run: Run,
-        model: torch.nn.Module,
+        model: TransformerDecoder,
         params: list[torch.nn.Parameter],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
@@ -86,7 +89,7 @@ class TrainingLoop:
         epochs: int,
         log_every: int = 1,
         metric_logger: MetricLogger | None = None,
-        companions: Mapping[str, torch.nn.Module] | None = None,
+        companions: Mapping[str, TransformerDecoder] | None = None,
     ):
         self.run = run
         self.companions = dict(companions or {})
@@ -111,6 +114,7 @@ class TrainingLoop:
         self._update_check = UpdateCheck(self._diverged)
         self.stopping = False
         self._record: dict[str, Any] = {}
+        self._ended = True
         self._window_tokens = 0
         self._window_start = self._loop_start = time.perf_counter()
 
@@ -128,7 +132,7 @@ class TrainingLoop:
                 self.scheduler.load_state_dict(state["lr_scheduler"])
             self.stream.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, IndexError) as error:
             raise CheckpointError(
                 f"cannot resume from {folder}: its {STATE_DIR}/{STATE_FILE} is not the state "
                 f"of this kind of run ({type(error).__name__}: {error})"
@@ -147,6 +151,7 @@ class TrainingLoop:
             "data": self.stream.state_dict(),
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "recipe": self.recipe_state,
+            "param_groups": len(self.optimizer.param_groups),
         }
         folder = save_checkpoint(
             self.checkpointer,
@@ -182,8 +187,13 @@ class TrainingLoop:
                 for micro_batches in self.stream:
                     self.step += 1
                     self._record = {}
+                    self._ended = False
                     yield micro_batches
-                    self._end_step()
+                    if not self._ended:
+                        raise RuntimeError(
+                            f"step {self.step} ended without loop.end_step(): a recipe calls it "
+                            "at the end of each step (it writes metrics and checkpoints)"
+                        )
                     if self.step >= self.total_steps or self.stopping:
                         return
                 self.stream.set_epoch(self.stream.epoch + 1)
@@ -256,7 +266,12 @@ class TrainingLoop:
         if self.run.is_main:
             append_metrics(self.run.output_dir, {"step": self.step, **fields})
 
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
+        """End the step: write its metrics, agree with the other ranks whether a stop signal
+        came, and save a checkpoint when one is due or a signal asks for it (a collective:
+        every rank calls it)."""
+        self._ended = True
+        assert self.metrics is not None, "end_step() is called inside the loop"
         if self._record:
             self.metrics.log({"step": self.step, **self._record})
         self.metrics.advance()
@@ -266,7 +281,12 @@ class TrainingLoop:
 
     def finish(self) -> str:
         """End the run: on a stop signal, say where to resume and exit with the signal's
-        status; otherwise save the last step (unless just saved). Returns the last checkpoint."""
+        status; otherwise save the last step (unless just saved). Returns the last checkpoint.
+
+        Raises:
+            RunStopped: a stop signal ended the run early (its checkpoint saved); the command
+                line exits with the signal's status.
+        """
         if self.metrics is not None:
             self.metrics.close()
         if self.stopping:
@@ -275,8 +295,9 @@ class TrainingLoop:
                 f"stopped by signal {signal_name} at step {self.step}; checkpoint "
                 f"{self.last_saved}; continue with resume_from_checkpoint=true"
             )
-            raise SystemExit(self.stop.exit_code)
-        if self.last_saved is None or not self.last_saved.endswith(f"step_{self.step}"):
-            self.save()
-        self.run.print(f"saved {self.last_saved}")
-        return self.last_saved
+            raise RunStopped(self.stop.exit_code)
+        saved = self.last_saved
+        if saved is None or not saved.endswith(f"step_{self.step}"):
+            saved = self.save()
+        self.run.print(f"saved {saved}")
+        return saved

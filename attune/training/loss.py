@@ -3,9 +3,9 @@
 A language model's logits are ``[batch, seq, vocab]``; in fp32 for a 128k vocabulary that is
 0.5 MB per token, more than the rest of a small model's activations. :class:`ChunkedCrossEntropy`
 instead takes the final hidden states, keeps only the positions that are trained (the prompt,
-padding and the last position are never projected), and projects them in chunks. Each chunk's
-logits are recomputed in the backward pass rather than saved, so at most one chunk of fp32
-logits exists at a time, forward or backward.
+padding and the last position are never projected), and projects them in chunks with
+:func:`attune.models.chunked_head.head_by_chunks`, each chunk's logits recomputed in the
+backward pass rather than saved.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from attune.config import Expects
 from attune.data.collate import IGNORE_INDEX
+from attune.models.chunked_head import head_by_chunks
 
 SFT_LOSS = Expects(
     "an SFT loss (called with hidden states, labels and the output head, as "
@@ -65,18 +65,10 @@ class ChunkedCrossEntropy:
         total = hidden.new_zeros((), dtype=torch.float32)
         if selected.shape[0] == 0:
             return total + 0.0 * hidden.sum(), 0  # keeps the graph for a step with no tokens
-        for start in range(0, selected.shape[0], self.chunk_size):
-            end = start + self.chunk_size
-            if torch.is_grad_enabled():
-                total = total + checkpoint(
-                    _chunk_loss,
-                    selected[start:end],
-                    targets[start:end],
-                    output,
-                    use_reentrant=False,
-                )
-            else:
-                total = total + _chunk_loss(selected[start:end], targets[start:end], output)
+        for chunk_loss in head_by_chunks(
+            _chunk_loss, (selected, targets), (output,), self.chunk_size
+        ):
+            total = total + chunk_loss
         return total, int(targets.shape[0])
 
 

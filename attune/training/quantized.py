@@ -17,9 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from attune.data import TokenizedDataset
+from attune.models import TransformerDecoder
 from attune.peft import LoraSettings, merge_state_dict
 from attune.quantization import (
     QuantizationScheme,
@@ -28,16 +27,16 @@ from attune.quantization import (
     set_fake_quantization,
 )
 from attune.tokenizer import Tokenizer
-from attune.training.distributed import full_state_dict
+from attune.training.evaluate import held_out_loss
 from attune.training.run import Run
-from attune.training.step import held_out_loss
+from attune.training.sharding import full_state_dict
 
 QUANTIZED_FOLDER = "quantized"
 
 
 def quantized_report(
     run: Run,
-    model: torch.nn.Module,
+    model: TransformerDecoder,
     scheme: QuantizationScheme,
     lora: LoraSettings | None = None,
     validation: TokenizedDataset | None = None,

@@ -1,88 +1,130 @@
-"""What every training recipe reads from its config and builds the same way: the keys of a run,
-the model prepared for training, the optimizer and its schedule, and the loop.
-
-A recipe's schema is :data:`TRAINING_KEYS` plus its own keys::
-
-    SCHEMA = {**training.TRAINING_KEYS, "loss": config.Component(required=False), ...}
+"""Everything that builds what a training recipe trains: the model (sharded under torchrun, with
+adapters, fake quantizers, activation checkpointing, compiled layers), the tokenizer and
+checkpointer beside it (:func:`setup_training`, the one entry point), the optimizer, its
+schedule and the loop (:func:`training_loop`), the frozen reference of preference and RL
+methods, and the model of an inference recipe (:func:`inference_model`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from torch import nn
 
 from attune import config
-from attune.errors import ConfigError
-from attune.peft import LoraSettings, load_adapter
-from attune.quantization import QuantizationScheme
+from attune.config import instantiate
+from attune.errors import CheckpointError, ConfigError
+from attune.models import TransformerDecoder, load_weights
+from attune.peft import LoraSettings, apply_lora, is_adapter_key, load_adapter
+from attune.quantization import QuantizationScheme, insert_fake_quantization
 from attune.tokenizer import Tokenizer
+from attune.training.checkpoint_state import resume_point
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream
 from attune.training.loop import TrainingLoop, total_steps
-from attune.training.metrics import METRIC_LOGGER
-from attune.training.model_setup import (
-    apply_activation_checkpointing,
-    compile_layers,
-    describe_counts,
-    trainable_parameters,
-)
-from attune.training.optim import OPTIMIZER, build_optimizer
-from attune.training.run import Run, resume_point, setup_model
-
-MODEL_KEYS = {
-    "seed": config.Field(int, required=False),
-    "device": config.Field(str, required=False),
-    "dtype": config.Field(str, required=False),
-    "model": config.Component(provided=("dtype", "device")),
-    "tokenizer": config.Component(),
-}
-"""The keys of every recipe that loads a model: its component, tokenizer, device and dtype."""
-
-TRAINING_KEYS = {
-    "output_dir": str,
-    **MODEL_KEYS,
-    "autocast": config.Field(str | None, required=False),
-    "batch_size": config.Field(int, minimum=1),
-    "gradient_accumulation_steps": config.Field(int, required=False, minimum=1),
-    "epochs": config.Field(int, required=False, minimum=1),
-    "max_steps": config.Field(int | None, required=False, minimum=1),
-    "max_steps_per_epoch": config.Field(int | None, required=False, minimum=1),
-    "clip_grad_norm": config.Field(float | None, required=False, minimum=0),
-    "log_every_n_steps": config.Field(int, required=False, minimum=1),
-    "resume_from_checkpoint": config.Field(bool | str, required=False),
-    "compile": config.Field(bool, required=False),
-    "enable_activation_checkpointing": config.Field(bool, required=False),
-    "num_workers": config.Field(int, required=False, minimum=0),
-    "cpu_offload": config.Field(bool, required=False),
-    "lora": config.Component(required=False),
-    "dataset": config.Component(provided=("tokenizer",)),
-    "optimizer": config.Component(provided=("params",), expects=OPTIMIZER),
-    "lr_scheduler": config.Component(required=False, provided=("optimizer", "num_training_steps")),
-    "checkpointer": config.Component(provided=("output_dir",)),
-    "metric_logger": config.Component(required=False, expects=METRIC_LOGGER),
-    "answer_check": config.Component(required=False),
-}
-"""The top-level keys every training recipe reads (its schema adds its own)."""
-
-SAMPLING_KEYS = {
-    "max_new_tokens": config.Field(int, required=False, minimum=1),
-    "temperature": config.Field(float, required=False, minimum=0),
-    "top_k": config.Field(int | None, required=False, minimum=1),
-    "top_p": config.Field(float | None, required=False, minimum=0),
-}
-"""The keys of a recipe that samples from the model (generation, rollouts)."""
-
-VALIDATION_KEYS = {
-    "eval_every_n_steps": config.Field(int | None, required=False, minimum=1),
-    "validation_dataset": config.Component(required=False, provided=("tokenizer",)),
-}
-"""The keys of a recipe that measures held-out data as it trains."""
+from attune.training.optim import build_optimizer
+from attune.training.run import Run
+from attune.training.runtime import resolve_dtype
+from attune.training.sharding import materialize, shard_model
 
 
-def model_to_use(
+def build_model(
+    node: Any,
+    run: Run,
+    lora: LoraSettings | None = None,
+    weights: str | Path | None = None,
+    cpu_offload: bool = False,
+    fake_quantization: QuantizationScheme | None = None,
+) -> TransformerDecoder:
+    """Build the ``model`` component for this process, with LoRA adapters when given.
+
+    On one process the model loads as the component loads it. Under torchrun it is built on
+    the meta device, sharded with FSDP2 (per layer, then the root), and each process loads
+    only its shards; adapters start with the values one process would give them.
+
+    Args:
+        node: the ``model`` config component (called with ``dtype`` and ``device``).
+        run: the run.
+        lora: adapter settings, or None for full training.
+        weights: a HF folder to load the weights from instead of the model's own (the
+            checkpoint a full run resumes from).
+        cpu_offload: keep sharded parameters and optimizer state on the CPU.
+        fake_quantization: quantization-aware training under this scheme: fake quantizers
+            go in before sharding (FSDP2 then holds the swapped layers' parameters).
+    """
+    distributed = run.world.distributed
+    model = instantiate(node, dtype=run.dtype, device="meta" if distributed else run.device)
+    if lora is not None:
+        apply_lora(model, lora)
+    if fake_quantization is not None:
+        insert_fake_quantization(model, fake_quantization)
+    try:
+        if distributed:
+            compute = resolve_dtype(run.autocast) if run.autocast else None
+            shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)
+            materialize(model, run.device, weights or model.config.source, lora)
+        elif weights is not None:
+            load_weights(model, weights, ignore=is_adapter_key)
+    except CheckpointError as error:
+        if weights is None:
+            raise
+        # a checkpoint of another model (another hidden size, layer count...): say which
+        # checkpoint, not only which tensor
+        raise CheckpointError(
+            f"cannot resume from {weights}: its weights do not load into this run's model "
+            f"({error}); resume with the model it was trained with, or train afresh in another "
+            "output_dir"
+        ) from None
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = model.layers
+    assert isinstance(layers, nn.ModuleList), "a decoder keeps its layers in a ModuleList"
+    return layers
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them. The composable API leaves parameter names unchanged, so checkpoints and adapters
+    keep their keys."""
+    from torch.distributed._composable import checkpoint
+
+    for layer in decoder_layers(model):
+        checkpoint(layer)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer (they share one compiled graph, since they have the
+    same structure), which compiles faster than the whole model and keeps its Python loop."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (param for param in model.parameters() if param.requires_grad)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = trainable = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable, total
+
+
+def describe_counts(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    share = 100 * trainable / max(total, 1)
+    return f"{trainable:,} of {total:,} parameters trainable ({share:.2f}%)"
+
+
+def inference_model(
     cfg: Any, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.nn.Module, LoraSettings | None]:
     """The ``model`` component in eval mode, with the peft adapter folder ``adapter`` applied
@@ -93,22 +135,33 @@ def model_to_use(
     return model, lora
 
 
-class TrainingSetup(NamedTuple):
-    """What a training recipe starts from (see :func:`setup_training`)."""
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What a training recipe starts from (see :func:`setup_training`).
+
+    Attributes:
+        tokenizer: the config's tokenizer.
+        lora: the adapter settings of a LoRA run, else None.
+        checkpointer: where the run's checkpoints go.
+        resume_from: the checkpoint the run continues from, or None for a fresh run.
+        model: the model prepared for training (sharded under torchrun, adapters in).
+    """
 
     tokenizer: Tokenizer
     lora: LoraSettings | None
     checkpointer: Checkpointer
-    resumed_from: Path | None
-    model: torch.nn.Module
+    resume_from: Path | None
+    model: TransformerDecoder
 
 
 def setup_training(
     cfg: Any, run: Run, fake_quantization: QuantizationScheme | None = None
 ) -> TrainingSetup:
     """The config's tokenizer, LoRA settings and checkpointer, the checkpoint to resume from
-    (with ``resume_from_checkpoint``), and the model prepared for training
-    (:func:`prepare_model`), fake-quantized under ``fake_quantization`` for QAT."""
+    (with ``resume_from_checkpoint``), and the model built for training (:func:`build_model`:
+    from the resumed checkpoint's weights for a full run, fake-quantized under
+    ``fake_quantization`` for QAT), with activation checkpointing and ``torch.compile`` when the
+    config asks for them."""
     tokenizer = config.instantiate(cfg.tokenizer)
     lora = config.instantiate(cfg.get("lora"))
     if fake_quantization is not None and lora is not None and lora.quantize_base:
@@ -119,22 +172,7 @@ def setup_training(
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=run.output_dir)
     checkpointer.tokenizer = tokenizer  # checkpoints carry its chat template and stop tokens
     resumed_from = resume_point(checkpointer, cfg.get("resume_from_checkpoint"))
-    model = prepare_model(cfg, run, lora, resumed_from, fake_quantization)
-    return TrainingSetup(tokenizer, lora, checkpointer, resumed_from, model)
-
-
-def prepare_model(
-    cfg: Any,
-    run: Run,
-    lora: LoraSettings | None,
-    resumed_from: Path | None,
-    fake_quantization: QuantizationScheme | None = None,
-) -> torch.nn.Module:
-    """The ``model`` component built for this run (sharded under torchrun, with ``lora``'s
-    adapters and ``fake_quantization``'s fake quantizers, from the resumed checkpoint's weights
-    for a full run), with activation checkpointing and ``torch.compile`` when the config asks
-    for them."""
-    model = setup_model(
+    model = build_model(
         cfg.model,
         run,
         lora,
@@ -147,50 +185,61 @@ def prepare_model(
     if cfg.get("compile"):
         compile_layers(model)
     run.print(describe_counts(model))
-    return model
+    return TrainingSetup(tokenizer, lora, checkpointer, resumed_from, model)
 
 
 def training_loop(
     cfg: Any,
     run: Run,
-    model: torch.nn.Module,
+    setup: TrainingSetup,
     stream: BatchStream,
-    checkpointer: Checkpointer,
-    lora: LoraSettings | None,
-    companions: Mapping[str, torch.nn.Module] | None = None,
+    companions: Mapping[str, TransformerDecoder] | None = None,
     updates_per_step: int = 1,
 ) -> TrainingLoop:
-    """The optimizer over ``model``'s trainable parameters (and its ``companions'``), its
-    schedule, and the loop over ``stream`` for the config's epochs and steps.
+    """The optimizer over the model's trainable parameters (and its ``companions'``), its
+    schedule, and the loop over ``stream`` for the config's epochs and steps, resumed from
+    ``setup.resume_from`` when the run continues one.
 
     Args:
+        cfg: the recipe's config.
+        run: the run.
+        setup: what :func:`setup_training` built.
+        stream: the training batches.
+        companions: models trained beside the main one by the same optimizer (PPO's value
+            model), saved in each checkpoint as ``<name>/``.
         updates_per_step: optimizer steps the recipe takes per step of the loop (PPO's
             epochs times minibatches); the schedule counts optimizer steps.
     """
+    model = setup.model
     epochs = cfg.get("epochs", 1)
     steps = total_steps(stream, epochs, cfg.get("max_steps"))
-    params = list(trainable_parameters(model))
-    for companion in (companions or {}).values():
-        params += list(trainable_parameters(companion))
-    optimizer = build_optimizer(cfg.optimizer, params)
+    # named, so that norms and biases can go without weight decay (as transformers' Trainer)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for key, companion in (companions or {}).items():
+        named += [(f"{key}.{n}", p) for n, p in companion.named_parameters() if p.requires_grad]
+    params = [param for _, param in named]
+    optimizer = build_optimizer(cfg.optimizer, named)
     scheduler = config.instantiate(
         cfg.get("lr_scheduler"), optimizer=optimizer, num_training_steps=steps * updates_per_step
     )
-    return TrainingLoop(
+    loop = TrainingLoop(
         run,
         model,
         params,
         optimizer,
         scheduler,
         stream,
-        checkpointer,
-        lora,
+        setup.checkpointer,
+        setup.lora,
         total_steps=steps,
         epochs=epochs,
         log_every=cfg.get("log_every_n_steps", 1),
         metric_logger=config.instantiate(cfg.get("metric_logger")),
         companions=companions,
     )
+    if setup.resume_from is not None:
+        loop.resume(setup.resume_from)
+    return loop
 
 
 def reference_model(
@@ -202,6 +251,6 @@ def reference_model(
     adapters are to be switched off."""
     if lora is not None:
         return policy, True
-    reference = setup_model(cfg.model, run, cpu_offload=cfg.get("cpu_offload", False))
+    reference = build_model(cfg.model, run, cpu_offload=cfg.get("cpu_offload", False))
     reference.requires_grad_(False)
     return reference, False

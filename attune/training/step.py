@@ -3,35 +3,25 @@
 The loss of a step is the mean over every trained token of all its micro-batches (on all
 ranks), not the mean of per-micro-batch means: each micro-batch's summed loss is divided by the
 step's total token count before its backward pass. Batch 4 x 1 micro-batch and batch 1 x 4
-micro-batches therefore give the same gradient, whatever the sequence lengths.
+micro-batches therefore give the same gradient, whatever the sequence lengths. The update
+itself (clipping, the optimizer and the schedule) is checked for divergence
+(:mod:`attune.training.divergence`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
-from attune.errors import AttuneError
-from attune.training.checkpointer import newest_up_to
-from attune.training.data import eval_batches
+from attune.distributed import all_ranks_sum, all_ranks_sums, world_size
+from attune.precision import Precision, entered
+from attune.training.divergence import GROWTH_LIMIT, UpdateCheck, as_float, weights_norm
 from attune.training.loss import token_count
 
-if TYPE_CHECKING:
-    from attune.data import TokenizedDataset
-    from attune.training.run import Run
-
 MODEL_INPUTS = ("padding_mask", "document_ids")
-
-
-class TrainingError(AttuneError):
-    """A run that cannot go on (a NaN loss, say)."""
 
 
 @dataclass
@@ -59,26 +49,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
 
 
-def all_ranks_sums(values: Sequence[int | float], device: torch.device) -> list:
-    """``values`` each summed over every rank, in one collective (themselves on one process):
-    integers stay integers when they all are, else every sum is a float."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    exact = all(isinstance(value, int) for value in values)
-    totals = torch.tensor(values, device=device, dtype=torch.long if exact else torch.float64)
-    dist.all_reduce(totals)
-    return totals.tolist()
-
-
 def summed_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     loss_fn: Callable,
-    precision: contextlib.AbstractContextManager | None = None,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The summed next-token loss of one batch (on the model's device) and its token count."""
     inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-    with precision if precision is not None else contextlib.nullcontext():
+    with entered(precision):
         hidden = model(batch["tokens"], return_hidden=True, **inputs)
         return loss_fn(hidden, batch["labels"], model.output)
 
@@ -112,13 +91,12 @@ def accumulated_backward(
         [
             sum(units(batch) for batch in micro_batches),
             sum(input_count(batch) for batch in micro_batches),
-        ],
-        device,
+        ]
     )
     # FSDP averages gradients over ranks, but each rank's loss is already its share of the
     # global mean: scale by the world size so the average is the sum (gloo has no
     # pre-multiplied sum to ask FSDP for instead)
-    scale = dist.get_world_size() if _is_sharded(model) else 1
+    scale = world_size() if _is_sharded(model) else 1
     sums: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
         loss, stats = summed_loss_of(to_device(batch, device))
@@ -127,9 +105,7 @@ def accumulated_backward(
             sums[name] = sums.get(name, 0) + value.detach().float()
     if not sums:
         return total, input_tokens, {}
-    stacked = torch.stack(list(sums.values()))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
+    stacked = all_ranks_sum(torch.stack(list(sums.values())))
     return total, input_tokens, dict(zip(sums, stacked.tolist(), strict=True))
 
 
@@ -138,7 +114,7 @@ def backward_step(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     loss_fn: Callable,
     device: torch.device,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
+    precision: Precision | None = None,
 ) -> StepResult:
     """Forward and backward over a step's micro-batches, token-exact; gradients accumulate in
     ``.grad``.
@@ -157,46 +133,13 @@ def backward_step(
     """
 
     def summed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        context = precision() if precision is not None else None
-        loss, _ = summed_loss(model, batch, loss_fn, context)
+        loss, _ = summed_loss(model, batch, loss_fn, precision)
         return loss, {"loss": loss}
 
     total, input_tokens, sums = accumulated_backward(
         model, micro_batches, lambda batch: token_count(batch["labels"]), summed, device
     )
     return StepResult(sums["loss"] / max(total, 1), total, input_tokens)
-
-
-GROWTH_LIMIT = 10.0
-"""An update that multiplies the norm of the trained weights by more than this is divergence:
-even a high learning rate moves them by a small fraction of their size per step, while one far
-too high (Adam moves every weight by about the learning rate) multiplies it by orders of
-magnitude at once, leaving finite weights that only produce a NaN a step or two later."""
-
-
-def _as_float(norm: torch.Tensor) -> float:
-    # with sharded (DTensor) tensors the norm is a DTensor of the global norm
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _weights_norm(parameters: list[torch.nn.Parameter]) -> float:
-    """The 2-norm of all the parameters together (the same on every rank when sharded)."""
-    return _as_float(torch.nn.utils.get_total_norm([p.detach() for p in parameters]))
-
-
-@dataclass
-class UpdateCheck:
-    """How :func:`optimizer_step` checks each update of a run.
-
-    Attributes:
-        diverged: ``diverged(problem, stepped)`` makes the error raised when an update goes
-            wrong (``stepped``: whether the optimizer had stepped).
-        weights_norm: the trained weights' norm after the last update (None: not known yet,
-            as at the start or after a resume), so that each step measures it once.
-    """
-
-    diverged: Callable[[str, bool], BaseException]
-    weights_norm: float | None = None
 
 
 def optimizer_step(
@@ -222,19 +165,19 @@ def optimizer_step(
     norm = None
     if max_grad_norm is not None or check is not None:
         total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        norm = _as_float(total)
+        norm = as_float(total)
         if check is not None and not math.isfinite(norm):
             raise check.diverged(f"the gradient norm is {norm}", False)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, total)
     if check is not None and check.weights_norm is None:
-        check.weights_norm = _weights_norm(parameters)
+        check.weights_norm = weights_norm(parameters)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if check is not None:
-        before, after = check.weights_norm, _weights_norm(parameters)
+        before, after = check.weights_norm or 0.0, weights_norm(parameters)
         check.weights_norm = after
         if not math.isfinite(after):
             raise check.diverged(f"the update left the weights' norm {after}", True)
@@ -245,168 +188,3 @@ def optimizer_step(
                 True,
             )
     return norm if max_grad_norm is not None else None
-
-
-def stopped(problem: str, step: int, good_checkpoint: str | Path | None) -> TrainingError:
-    """The error that stops a diverging run: what went wrong at which step, and the newest
-    checkpoint whose weights are good (or that none was saved)."""
-    kept = (
-        f"the last good checkpoint is {good_checkpoint}"
-        if good_checkpoint
-        else "no good checkpoint was saved before it"
-    )
-    return TrainingError(
-        f"{problem} at step {step}; training stopped ({kept}). Lower the learning rate, check "
-        "the data, or use fp32"
-    )
-
-
-def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
-    """Stop the run on a NaN or infinite loss, naming the step and the checkpoint to go back to.
-
-    The weights that gave this loss are those after step ``step - 1``: a checkpoint of that
-    step holds them, so the one named is the newest of an earlier step (``last_checkpoint``,
-    the latest saved, or one beside it).
-    """
-    if math.isfinite(loss):
-        return
-    raise stopped(f"the loss is {loss}", step, newest_up_to(last_checkpoint, step - 2))
-
-
-@torch.no_grad()
-def evaluated_sums(
-    model: torch.nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
-    units: Callable[[dict[str, torch.Tensor]], int],
-    summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    device: torch.device,
-) -> tuple[int, dict[str, float]]:
-    """Statistics summed over ``batches`` on all ranks, without gradients and with the model in
-    eval mode (put back after).
-
-    Args:
-        model: the model.
-        batches: this rank's batches, on any device.
-        units: how many units (trained tokens, pairs, ...) a batch has.
-        summed_of: a batch (on ``device``) -> statistics summed over its units.
-        device: where the model is.
-
-    Returns:
-        The units and each statistic's sum, over every rank.
-    """
-    was_training = model.training
-    model.eval()
-    total, sums = 0, {}
-    for batch in batches:
-        total += units(batch)
-        for name, value in summed_of(to_device(batch, device)).items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-    model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = [float(total), *sums.values()]
-        totals = torch.tensor(values, device=device, dtype=torch.float64)
-        dist.all_reduce(totals)
-        total = int(totals[0])
-        sums = dict(zip(sums, totals[1:].tolist(), strict=True))
-    return total, sums
-
-
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
-    loss_fn: Callable,
-    device: torch.device,
-    precision: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> float:
-    """The mean loss per trained token over ``batches`` (all ranks), with the model in eval
-    mode (put back to train mode after)."""
-
-    def summed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        context = precision() if precision is not None else None
-        return {"loss": summed_loss(model, batch, loss_fn, context)[0]}
-
-    tokens, sums = evaluated_sums(
-        model, batches, lambda batch: token_count(batch["labels"]), summed, device
-    )
-    return sums.get("loss", 0.0) / max(tokens, 1)
-
-
-class HeldOutPairs:
-    """Preference pairs held out of training: their statistics as ``val_*`` metrics, and a
-    line before and after training saying how often the chosen reply wins. Each rank scores
-    its share; every call is a collective.
-
-    Args:
-        dataset: the pairs, or None (then nothing is measured or said).
-        model: the model scored.
-        summed_of: a batch (on the device) -> its statistics summed over its pairs.
-        run: the run.
-        batch_size: pairs scored at once.
-        pad_id: the padding token.
-        accuracy: the statistic that is the share of pairs the chosen reply wins.
-        wins: how the report says so ("the chosen reply scores higher").
-        means_of: ``(pairs, sums)`` -> the statistics' means (default: each sum over pairs).
-        every: measure every this many steps (None: only before and after training).
-    """
-
-    def __init__(
-        self,
-        dataset: TokenizedDataset | None,
-        model: torch.nn.Module,
-        summed_of: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-        run: Run,
-        *,
-        batch_size: int,
-        pad_id: int,
-        accuracy: str,
-        wins: str,
-        means_of: Callable[[int, dict[str, float]], dict[str, float]] | None = None,
-        every: int | None = None,
-    ):
-        self.dataset = dataset
-        self.model = model
-        self.summed_of = summed_of
-        self.run = run
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.accuracy = accuracy
-        self.wins = wins
-        self.means_of = means_of or (lambda n, sums: {k: v / max(n, 1) for k, v in sums.items()})
-        self.every = every
-
-    def metrics(self) -> dict[str, float]:
-        """Each statistic's mean over the held-out pairs, as ``val_<name>``."""
-        world = self.run.world
-        batches = eval_batches(
-            self.dataset, self.batch_size, self.pad_id, world.rank, world.world_size
-        )
-        pairs, sums = evaluated_sums(
-            self.model, batches, lambda batch: int(batch["pairs"]), self.summed_of,
-            self.run.device,
-        )  # fmt: skip
-        return {f"val_{name}": value for name, value in self.means_of(pairs, sums).items()}
-
-    def due(self, step: int) -> bool:
-        """Whether a measurement is due after ``step``."""
-        return self.dataset is not None and bool(self.every) and step % self.every == 0
-
-    def report(self, when: str) -> None:
-        """Say how often the chosen reply wins, ``when`` (``before``, ``after``) training."""
-        if self.dataset is not None:
-            share = self.metrics()[f"val_{self.accuracy}"]
-            self.run.print(
-                f"{when} training: {self.wins} in {share:.0%} of {len(self.dataset)} held-out pairs"
-            )
-
-
-def held_out_loss(
-    model: torch.nn.Module,
-    dataset: TokenizedDataset,
-    loss_fn: Any,
-    batch_size: int,
-    pad_id: int,
-    run: Run,
-) -> float:
-    """The mean loss per trained token of ``dataset`` (each rank scores its share)."""
-    batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
-    return evaluate(model, batches, loss_fn, run.device, run.precision)

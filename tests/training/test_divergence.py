@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attune.training import TrainingError, check_finite, optimizer_step
-from attune.training.step import UpdateCheck, stopped
+from attune.training.divergence import UpdateCheck, stopped
 
 
 def model_with_gradients(scale=1.0):

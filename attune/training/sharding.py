@@ -1,7 +1,7 @@
-"""Many processes with torch's own engine: the process group, FSDP2 sharding, weights loaded
-straight into shards, full state gathered for saving, and a teardown that never hangs.
+"""A model over many processes with FSDP2: each decoder layer and the root sharded, weights
+loaded straight into shards, the full state gathered for saving. The processes themselves (the
+group, its teardown) are :mod:`attune.distributed`'s.
 
-Launched by torchrun (``tune run --nproc_per_node N ...``), every process runs the same recipe.
 On one process none of this is used and the model is an ordinary module.
 """
 
@@ -9,88 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from attune.distributed import World
 from attune.errors import ConfigError
-from attune.models import load_weights
+from attune.models import TransformerDecoder, load_weights
 from attune.models.rope import RotaryEmbedding
 from attune.peft import LoRALinear, LoraSettings, is_adapter_key
 
 
-@dataclass
-class World:
-    """This process among the data-parallel processes."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    mesh: Any = None  # a 1-D DeviceMesh when distributed
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process (a collective: every process must ask)."""
-        if not self.distributed:
-            return bool(flag)
-        value = torch.tensor([int(flag)], device=_collective_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-
-def _collective_device() -> torch.device:
-    backend = dist.get_backend()
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
-
-
-def init_world(device_type: str) -> World:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); one process alone
-    joins nothing."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return World()
-    from torch.distributed.device_mesh import init_device_mesh
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    mesh = init_device_mesh(device_type, (world_size,))
-    return World(dist.get_rank(), world_size, local_rank, mesh)
-
-
-def shutdown(world: World) -> None:
-    """Leave the process group. Every rank first waits for the others, so no collective is in
-    flight while the group is torn down (a gloo group destroyed mid-collective, or left to the
-    interpreter's exit, can abort the process)."""
-    if world.distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def shard_model(
-    model: nn.Module,
+    model: TransformerDecoder,
     world: World,
     compute_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
@@ -149,12 +83,13 @@ def _shard_of(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    sharded: Any = target  # a DTensor: it has a mesh and placements
+    return distribute_tensor(full, sharded.device_mesh, sharded.placements, src_data_rank=None)
 
 
 @torch.no_grad()
 def materialize(
-    model: nn.Module, device: torch.device, weights: str | Path, lora: LoraSettings | None
+    model: TransformerDecoder, device: torch.device, weights: str | Path, lora: LoraSettings | None
 ) -> None:
     """Give a model built on the meta device (and sharded) real storage on ``device``, load
     the HF folder ``weights`` into it shard by shard, and initialise any LoRA adapters exactly
@@ -188,4 +123,4 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
