@@ -108,6 +108,7 @@ def attune_losses(work: Path, rows: Path, steps: int) -> list[float]:
             "source": str(rows),
             "max_seq_len": 512,
         }
+        config["imports"] = ["benchmarks.loss_parity"]  # a component of ours: trust it by name
         config_path.write_text(json.dumps(config))
         command = [
             sys.executable, "-m", "attune", "run", "full_finetune_single_device",
