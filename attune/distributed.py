@@ -40,7 +40,10 @@ def collective_device() -> torch.device:
     accelerator = torch.accelerator.current_accelerator()
     if accelerator is None:
         return torch.device("cpu")
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    # torch 2.6 names it current_device_idx; later releases current_device_index
+    index = getattr(torch.accelerator, "current_device_index", None)
+    index = index or torch.accelerator.current_device_idx
+    return torch.device(accelerator.type, index())
 
 
 def all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
