@@ -86,4 +86,5 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("ppo_lora_finetune_distributed", "ppo.py", ("tiny/ppo_lora",)),
     Recipe("quantize", "quantize.py", ("tiny/quantize",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
+    Recipe("eleuther_eval", "eleuther_eval.py", ("tiny/eval",)),
 )
