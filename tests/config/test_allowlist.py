@@ -198,3 +198,24 @@ def tiny_config(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"base: tiny/full\noutput_dir: {tmp_path / 'out'}\n")
     return str(path)
+
+
+def test_a_copied_recipe_trusts_the_modules_beside_it(tmp_path, untrusted):
+    from tests.recipes.conftest import run_tune_in_process
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    assert (
+        run_tune_in_process("cp", "full_finetune_single_device", str(folder / "ft.py")).returncode
+        == 0
+    )
+    (folder / "team_loss.py").write_text(
+        "from attune.training import ChunkedCrossEntropy\n\nclass MyLoss(ChunkedCrossEntropy):\n    pass\n"
+    )
+    # batch_size=0 stops the run at the config check, after the loss was judged
+    result = run_tune_in_process(
+        "run", str(folder / "ft.py"), "--config", "tiny/full", f"output_dir={tmp_path / 'out'}",
+        "loss={_component_: team_loss.MyLoss}", "batch_size=0",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "'batch_size' must be at least 1")
