@@ -66,6 +66,11 @@ def _blank(content: Any) -> bool:
     return not content or (isinstance(content, str) and not content.strip())
 
 
+def _columns(tokens: list[int], mask: Sequence[bool], side: str = "") -> dict[str, list[int]]:
+    """A sequence's ``tokens`` and ``labels`` columns (``chosen_tokens``... with a ``side``)."""
+    return {f"{side}tokens": tokens, f"{side}labels": labels_from_mask(tokens, mask)}
+
+
 def _pair_flags(encoded: Mapping[str, Any], empty: bool) -> dict[str, bool]:
     same = encoded["chosen_tokens"] == encoded["rejected_tokens"]
     return {EMPTY_REPLY: empty, IDENTICAL_PAIR: same}
@@ -88,11 +93,7 @@ class ChatEncoder:
         tokens, mask = self.tokenizer.tokenize_messages(
             messages, self.strategy, **self.template_kwargs
         )
-        return {
-            "tokens": tokens,
-            "labels": labels_from_mask(tokens, mask),
-            EMPTY_REPLY: _has_empty_reply(messages),
-        }
+        return {**_columns(tokens, mask), EMPTY_REPLY: _has_empty_reply(messages)}
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,7 @@ class PreferenceEncoder:
             tokens, mask = self.tokenizer.tokenize_messages(
                 messages, "last_assistant", **self.template_kwargs
             )
-            encoded[f"{side}_tokens"] = tokens
-            encoded[f"{side}_labels"] = labels_from_mask(tokens, mask)
+            encoded.update(_columns(tokens, mask, f"{side}_"))
         empty = any(_has_empty_reply(side, last_only=True) for side in pair)
         return {**encoded, **_pair_flags(encoded, empty)}
 
@@ -142,11 +142,7 @@ class PromptCompletionEncoder:
         tokens, mask = self.tokenizer.tokenize_prompt_completion(
             prompt, completion, self.train_on_prompt
         )
-        return {
-            "tokens": tokens,
-            "labels": labels_from_mask(tokens, mask),
-            EMPTY_REPLY: _blank(completion),
-        }
+        return {**_columns(tokens, mask), EMPTY_REPLY: _blank(completion)}
 
 
 @dataclass(frozen=True)
@@ -168,8 +164,7 @@ class PlainPreferenceEncoder:
         prompt, chosen, rejected = self.to_texts(row)
         for side, reply in (("chosen", chosen), ("rejected", rejected)):
             tokens, mask = self.tokenizer.tokenize_prompt_completion(prompt, reply)
-            encoded[f"{side}_tokens"] = tokens
-            encoded[f"{side}_labels"] = labels_from_mask(tokens, mask)
+            encoded.update(_columns(tokens, mask, f"{side}_"))
         return {**encoded, **_pair_flags(encoded, _blank(chosen) or _blank(rejected))}
 
 
@@ -190,7 +185,7 @@ class TextEncoder:
         eos = self.tokenizer.eos_id
         if self.add_eos and eos is not None and (not tokens or tokens[-1] != eos):
             tokens.append(eos)
-        return {"tokens": tokens, "labels": labels_from_mask(tokens, [True] * len(tokens))}
+        return _columns(tokens, [True] * len(tokens))
 
 
 class _EncodeBatch:
