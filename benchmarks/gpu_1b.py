@@ -35,20 +35,38 @@ LLAMA_3_2_1B = {
     "architectures": ["LlamaForCausalLM"],
     "torch_dtype": "bfloat16",
 }
+# Qwen/Qwen3-30B-A3B's architecture (its config.json) cut to 4 of its 48 layers (--moe):
+# 128 experts of width 768, top-8, about 2.6B parameters of which 0.5B active per token
+QWEN3_30B_A3B_4_LAYERS = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.001, "hidden_act": "silu", "torch_dtype": "bfloat16",
+}  # fmt: skip
 # the same architecture at a size a CPU runs in seconds (--tiny)
 TINY = {**LLAMA_3_2_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
 
 
-def parameter_count(hf_config: dict) -> int:
-    """The model's parameters, tied ones counted once."""
+def parameter_count(hf_config: dict, active: bool = False) -> int:
+    """The model's parameters, tied ones counted once; with ``active``, those one token goes
+    through (of a mixture of experts' expert weights, ``top_k / experts`` of them)."""
     import torch
 
     from attune.models import from_hf_config
 
     with torch.device("meta"):
         model = from_hf_config(hf_config)
-    return sum(param.numel() for param in model.parameters())
+    total = 0
+    for name, param in model.named_parameters():
+        share = 1.0
+        if active and ".experts." in name:
+            share = model.config.num_experts_per_tok / (model.config.num_experts or 1)
+        total += int(param.numel() * share)
+    return total
 
 
 def write_rows(path: Path, count: int, seed: int = 0) -> None:
@@ -70,12 +88,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out (compilation)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a small model, for a smoke run")
+    parser.add_argument(
+        "--moe", action="store_true", help="Qwen3-30B-A3B's architecture, 4 of its layers"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides (after --)")
     args = parser.parse_args()
 
     from attune.demo.tiny import write_tokenizer
 
-    hf_config = TINY if args.tiny else LLAMA_3_2_1B
+    hf_config = TINY if args.tiny else QWEN3_30B_A3B_4_LAYERS if args.moe else LLAMA_3_2_1B
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         write_random_checkpoint(work / "model", hf_config)
@@ -108,9 +129,15 @@ def main() -> None:
             args.overrides,
             args.steps,
             args.warmup,
-            parameters=parameter_count(hf_config),
+            parameters=parameter_count(hf_config, active=True),  # MFU counts the FLOPs done
         )
-    figures.update({"parameters": parameter_count(hf_config), "batch_size": args.batch_size})
+    figures.update(
+        {
+            "parameters": parameter_count(hf_config),
+            "active_parameters": parameter_count(hf_config, active=True),
+            "batch_size": args.batch_size,
+        }
+    )
     print(json.dumps(figures))
 
 

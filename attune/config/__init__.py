@@ -15,6 +15,7 @@ from attune.config.instantiate import import_component, instantiate, is_componen
 from attune.config.loading import load_config, source_of
 from attune.config.parse import RecipeArguments, find_recipe_entry, parse, recipe_arguments
 from attune.config.validation import (
+    Block,
     Component,
     ExistingPath,
     Expects,
@@ -27,6 +28,7 @@ from attune.config.validation import (
 
 __all__ = [
     "BUILTIN_CONFIG_DIR",
+    "Block",
     "Component",
     "ExistingPath",
     "Expects",

@@ -10,7 +10,9 @@ Two sources of truth are checked:
   required, and which components it builds, with the arguments it passes itself at call
   time (a dataset is given the tokenizer, an optimizer the parameters). A top-level key the
   schema does not know is an error unless the config uses it in an interpolation
-  (``${model_dir}``): such keys are the config's own variables.
+  (``${model_dir}``): such keys are the config's own variables. A :class:`Block` is a
+  top-level mapping of plain keys with a schema of its own (``eval: {tasks: [...]}``),
+  checked the same way under its name.
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ class Field:
         type: the expected type (``int``, ``float | None``, ``Literal["a", "b"]``, ...).
         required: whether the config must give it; optional keys have a default in the recipe.
         minimum: the smallest number it may be (None: no bound).
+        above: a number it must exceed (None: no bound), for a bound that is itself out, as
+            a ``limit`` that is a count or a fraction, but never 0.
     """
 
     type: Any = object
     required: bool = True
     minimum: float | None = None
+    above: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,22 @@ class Component:
     required: bool = True
     provided: tuple[str, ...] = ()
     expects: Expects | None = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """A top-level mapping of plain keys that a recipe reads as a group (``eval:`` with
+    ``tasks``, ``limit``, ...), each checked against ``schema`` as top-level keys are: unknown
+    keys (with the closest name), missing ones, types and minimums, named ``block.key``.
+
+    Args:
+        schema: the block's keys: key -> a type (a required key) or a :class:`Field`.
+        required: whether the config must give the block (an optional one may be absent or
+            null).
+    """
+
+    schema: Mapping[str, Any]
+    required: bool = False
 
 
 def _built_class(component: Any) -> type | None:
@@ -157,7 +178,8 @@ ExistingPath = Annotated[str, _MustExist()]
 config that gives a path that does not exist is reported before the run starts."""
 
 Schema = Mapping[str, Any]
-"""What a recipe reads: key -> a type (a required field), a :class:`Field` or a :class:`Component`."""
+"""What a recipe reads: key -> a type (a required field), a :class:`Field`, a
+:class:`Component` or a :class:`Block`."""
 
 _UNRESOLVED = object()
 _INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w-]*)")
@@ -245,8 +267,21 @@ def below_minimum(value: Any, minimum: float | None, name: str) -> str | None:
         return None
     if value >= minimum:
         return None
-    bound = int(minimum) if float(minimum).is_integer() else minimum
-    return f"{name} must be at least {bound}, got {value}"
+    return f"{name} must be at least {_number(minimum)}, got {value}"
+
+
+def not_above(value: Any, bound: float | None, name: str) -> str | None:
+    """Why a number does not exceed ``bound`` (``'limit' must be greater than 0, got 0``), or
+    None."""
+    if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if value > bound:
+        return None
+    return f"{name} must be greater than {_number(bound)}, got {value}"
+
+
+def _number(bound: float) -> float | int:
+    return int(bound) if float(bound).is_integer() else bound
 
 
 def _describe(value: Any) -> str:
@@ -397,45 +432,72 @@ def _walk_components(
 
 
 def _check_schema(
-    tree: dict[str, Any], raw: dict[str, Any], schema: Schema, problems: list[tuple[str, str]]
+    tree: dict[str, Any],
+    raw: dict[str, Any],
+    schema: Schema,
+    problems: list[tuple[str, str]],
+    prefix: str = "",
 ) -> dict[str, Component]:
-    """Check top-level keys against the recipe's schema; return its component slots."""
+    """Check top-level keys (or a block's, named ``prefix`` + key) against the recipe's schema;
+    return its component slots."""
     variables = set()
-    for _, value in iter_paths(raw):
-        if isinstance(value, str):
-            variables.update(_INTERPOLATION.findall(value))
+    if not prefix:  # a top-level key a value interpolates is the config's own variable
+        for _, value in iter_paths(raw):
+            if isinstance(value, str):
+                variables.update(_INTERPOLATION.findall(value))
     for key in tree:
         if key not in schema and key not in variables and key != IMPORTS_KEY:
-            hint = did_you_mean(key, schema)
-            problems.append((key, f"unknown key '{key}'{hint} (the recipe does not read it)"))
+            where = f"{prefix}{key}"
+            hint = did_you_mean(where, [f"{prefix}{name}" for name in schema])
+            problems.append((where, f"unknown key '{where}'{hint} (the recipe does not read it)"))
     slots: dict[str, Component] = {}
     for key, spec in schema.items():
+        name = f"{prefix}{key}"
         present = key in tree and tree[key] is not None
         if isinstance(spec, Component):
             slots[key] = spec
             if not present and spec.required:
-                problems.append(("", f"missing component '{key}'; add {key}: {{_component_: ...}}"))
+                problems.append(
+                    ("", f"missing component '{name}'; add {name}: {{_component_: ...}}")
+                )
             elif present and tree[key] is not _UNRESOLVED and not _is_component_or_list(tree[key]):
                 problems.append(
                     (
-                        key,
-                        f"'{key}' must be a component node with '{COMPONENT_KEY}', got {_describe(tree[key])}",
+                        name,
+                        f"'{name}' must be a component node with '{COMPONENT_KEY}', got {_describe(tree[key])}",
                     )
+                )
+            continue
+        if isinstance(spec, Block):
+            if not present:
+                if spec.required:
+                    problems.append(("", f"missing section '{name}'; add {name}: {{...}}"))
+            elif isinstance(tree[key], dict):
+                # (raw serves only a top level's variables)
+                _check_schema(tree[key], {}, spec.schema, problems, f"{name}.")
+            elif tree[key] is not _UNRESOLVED:
+                problems.append(
+                    (name, f"'{name}' must be a mapping of keys, got {_describe(tree[key])}")
                 )
             continue
         field = spec if isinstance(spec, Field) else Field(spec)
         if key not in tree:
             if field.required:
+                within = f" in '{prefix[:-1]}'" if prefix else ""
                 problems.append(
-                    ("", f"missing key '{key}' ({_type_name(field.type)}); add {key}: ...")
+                    (
+                        prefix[:-1],
+                        f"missing key '{key}'{within} ({_type_name(field.type)}); add {name}: ...",
+                    )
                 )
             continue
         problem = None
         if tree[key] is not _UNRESOLVED:
-            problem = _type_problem(tree[key], field.type, f"'{key}' must be")
-            problem = problem or below_minimum(tree[key], field.minimum, f"'{key}'")
+            problem = _type_problem(tree[key], field.type, f"'{name}' must be")
+            problem = problem or below_minimum(tree[key], field.minimum, f"'{name}'")
+            problem = problem or not_above(tree[key], field.above, f"'{name}'")
         if problem:
-            problems.append((key, problem))
+            problems.append((name, problem))
     return slots
 
 

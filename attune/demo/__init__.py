@@ -1,5 +1,6 @@
 """Runs with nothing downloaded: the ``tiny`` model family and the demo task's data."""
 
+from attune.demo.distillation import tiny_student, tiny_teacher
 from attune.demo.reverse_words import (
     reverse_words_dataset,
     reverse_words_preference_dataset,
@@ -17,5 +18,7 @@ __all__ = [
     "reverse_words_rows",
     "tiny_checkpoint",
     "tiny_model",
+    "tiny_student",
+    "tiny_teacher",
     "tiny_tokenizer",
 ]

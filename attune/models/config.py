@@ -38,6 +38,18 @@ class DecoderConfig:
         query_scale: scale of the attention scores (default ``head_dim ** -0.5``).
         local_rope_theta: RoPE base of sliding-window layers, when it differs (Gemma 3).
         rotary_dim: how many leading dimensions of each head rotate (default: all).
+        num_experts: experts of each mixture-of-experts layer (None: a dense model).
+        num_experts_per_tok: experts each token is routed to (top-k).
+        moe_intermediate_size: width of each expert's gated MLP.
+        norm_topk_prob: the chosen experts' probabilities are renormalised to sum to 1.
+        moe_layers: per layer, whether its MLP is a mixture of experts (default: all, when
+            ``num_experts`` is set); the others keep a dense MLP of ``intermediate_size``.
+        shared_expert_intermediate_size: width of the shared expert every token also goes
+            through, scaled by a sigmoid gate (Qwen2-MoE); None: no shared expert.
+        router_aux_loss_coef: weight of the router's load-balancing loss in training.
+        router_jitter_noise: multiplicative noise on a MoE layer's input in training (Mixtral).
+        router_weights_in_float: the routing weights stay float32 (Mixtral) instead of being
+            cast to the activations' dtype (Qwen).
         num_labels: with a number, the output is a ``score`` head of that many values per
             token (value and reward models, HF ``*ForSequenceClassification``) instead of the
             language-model head.
@@ -72,6 +84,15 @@ class DecoderConfig:
     query_scale: float | None = None
     local_rope_theta: float | None = None
     rotary_dim: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    moe_layers: list[bool] | None = None
+    shared_expert_intermediate_size: int | None = None
+    router_aux_loss_coef: float = 0.0
+    router_jitter_noise: float = 0.0
+    router_weights_in_float: bool = False
     num_labels: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
     source: str | None = None
@@ -94,6 +115,20 @@ class DecoderConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
+        if self.num_experts is not None:
+            if self.moe_intermediate_size is None:
+                raise ValueError("a mixture-of-experts config needs moe_intermediate_size")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                    f"num_experts ({self.num_experts})"
+                )
+            if self.moe_layers is None:
+                self.moe_layers = [True] * self.num_layers
+            if len(self.moe_layers) != self.num_layers:
+                raise ValueError(
+                    f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers"
+                )
         if self.sliding_windows is None:
             self.sliding_windows = [None] * self.num_layers
         if len(self.sliding_windows) != self.num_layers:

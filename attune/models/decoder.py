@@ -83,6 +83,7 @@ class TransformerDecoder(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        output_last: int | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -95,6 +96,9 @@ class TransformerDecoder(nn.Module):
                 cached tokens, and this pass's keys and values are added to it.
             return_hidden: return the final normed hidden states instead of logits, so a loss
                 can apply :meth:`output` to the positions it trains, in chunks.
+            output_last: the final norm and the output head on the last this many positions
+                only (a generation's prompt needs its last logits alone), so the result has
+                that many positions; None: all.
 
         Returns:
             Logits ``[batch, seq, vocab]`` (scores ``[batch, seq, num_labels]`` with a score
@@ -140,6 +144,8 @@ class TransformerDecoder(nn.Module):
             x = layer(x, rope if window is None else local_rope, masks[window], cache)
         if cache is not None:
             cache.advance(seq)
+        if output_last is not None:
+            x = x[:, -output_last:]
         x = self.norm(x)
         return x if return_hidden else self.output(x)
 

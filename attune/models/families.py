@@ -8,9 +8,10 @@ q/k/v and gate/up fused in one tensor each, so its maps split and fuse them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,15 +37,32 @@ def llama_keys_to_hf(name: str) -> str:
     return name if name.startswith(HEAD_NAMES) else HF_PREFIX + name
 
 
-TensorsFromHF = Callable[[str, torch.Tensor, DecoderConfig], list[tuple[str, torch.Tensor]]]
+@dataclass(frozen=True)
+class Slot:
+    """Where a HF tensor goes inside a larger decoder tensor: entry ``index`` of a grouped
+    ``[experts, ...]`` tensor, the ``part``-th of ``parts`` equal row blocks of that entry (a
+    checkpoint's per-expert ``gate_proj`` is part 0 of 2 of ``gate_up_proj``)."""
+
+    index: int
+    part: int = 0
+    parts: int = 1
+
+
+class Part(NamedTuple):
+    """A decoder tensor, or a slot of one, that a HF tensor holds."""
+
+    name: str
+    tensor: torch.Tensor
+    slot: Slot | None = None
+
+
+TensorsFromHF = Callable[[str, torch.Tensor, DecoderConfig], list[Part]]
 StateToHF = Callable[[StateDict, DecoderConfig], StateDict]
 
 
-def llama_tensors_from_hf(
-    name: str, tensor: torch.Tensor, config: DecoderConfig
-) -> list[tuple[str, torch.Tensor]]:
+def llama_tensors_from_hf(name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[Part]:
     """One HF tensor -> the decoder tensors it holds (here: itself, renamed)."""
-    return [(llama_keys_from_hf(name), tensor)]
+    return [Part(llama_keys_from_hf(name), tensor)]
 
 
 def llama_state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
@@ -280,9 +298,7 @@ def gemma3_config(hf: dict[str, Any]) -> DecoderConfig:
     )
 
 
-def _phi3_tensors_from_hf(
-    name: str, tensor: torch.Tensor, config: DecoderConfig
-) -> list[tuple[str, torch.Tensor]]:
+def _phi3_tensors_from_hf(name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[Part]:
     """Split Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` into the decoder's projections."""
     base = llama_keys_from_hf(name)
     if ".self_attn.qkv_proj." in base:
@@ -290,12 +306,12 @@ def _phi3_tensors_from_hf(
         kv_rows = config.num_kv_heads * config.head_dim
         q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
         parts = {"q_proj": q, "k_proj": k, "v_proj": v}
-        return [(base.replace("qkv_proj", part), t) for part, t in parts.items()]
+        return [Part(base.replace("qkv_proj", part), t) for part, t in parts.items()]
     if ".mlp.gate_up_proj." in base:
         gate, up = tensor.chunk(2, dim=0)
         parts = {"gate_proj": gate, "up_proj": up}
-        return [(base.replace("gate_up_proj", part), t) for part, t in parts.items()]
-    return [(base, tensor)]
+        return [Part(base.replace("gate_up_proj", part), t) for part, t in parts.items()]
+    return [Part(base, tensor)]
 
 
 def _phi3_state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
@@ -325,3 +341,137 @@ def phi3_config(hf: dict[str, Any]) -> DecoderConfig:
     """Phi-3, Phi-3.5 and Phi-4: fused tensors in the checkpoint, ``longrope`` scaling, and a
     partial rotary factor where the config gives one."""
     return llama_shaped_config(hf, attention_bias=False, output_bias=False)
+
+
+# Mixture-of-experts families ---------------------------------------------------------------
+# Their checkpoints store each expert's projections as tensors of their own
+# (``mlp.experts.3.gate_proj.weight``); transformers 5 and attune hold them grouped
+# (``mlp.experts.gate_up_proj`` of ``[experts, 2 x inner, hidden]``, ``mlp.experts.down_proj``).
+# Both layouts load; attune writes the checkpoints' own, which every version of transformers
+# and vLLM reads.
+
+
+def _moe_tensor_maps(block: str, gate: str, up: str, down: str) -> tuple[TensorsFromHF, StateToHF]:
+    """The maps of a MoE family whose checkpoint names the MoE block ``block`` (``mlp``;
+    Mixtral's ``block_sparse_moe``) and an expert's projections ``gate``, ``up``, ``down``."""
+    expert = re.compile(rf"^(.*)\.{block}\.experts\.(\d+)\.(\w+)\.weight$")
+    slots = {gate: ("gate_up_proj", 0, 2), up: ("gate_up_proj", 1, 2), down: ("down_proj", 0, 1)}
+
+    def tensors_from_hf(name: str, tensor: torch.Tensor, config: DecoderConfig) -> list[Part]:
+        match = expert.match(llama_keys_from_hf(name))
+        if match and match.group(3) in slots:
+            layer, index, projection = match.groups()
+            target, part, parts = slots[projection]
+            return [Part(f"{layer}.mlp.experts.{target}", tensor, Slot(int(index), part, parts))]
+        return [Part(llama_keys_from_hf(name).replace(f".{block}.", ".mlp."), tensor)]
+
+    def state_to_hf(state: StateDict, config: DecoderConfig) -> StateDict:
+        hf: StateDict = {}
+        for name, tensor in state.items():
+            stem = llama_keys_to_hf(name).replace(".mlp.", f".{block}.")
+            if name.endswith(".mlp.experts.gate_up_proj"):
+                prefix = stem.removesuffix("gate_up_proj")
+                for index, (gate_rows, up_rows) in enumerate(t.chunk(2) for t in tensor):
+                    hf[f"{prefix}{index}.{gate}.weight"] = gate_rows.contiguous()
+                    hf[f"{prefix}{index}.{up}.weight"] = up_rows.contiguous()
+            elif name.endswith(".mlp.experts.down_proj"):
+                prefix = stem.removesuffix("down_proj")
+                for index, rows in enumerate(tensor):
+                    hf[f"{prefix}{index}.{down}.weight"] = rows.contiguous()
+            elif ".mlp.gate." in name or ".mlp.experts." in name:
+                hf[stem] = tensor
+            else:
+                hf[llama_keys_to_hf(name)] = tensor
+        return hf
+
+    return tensors_from_hf, state_to_hf
+
+
+def _num_experts(hf: dict[str, Any]) -> int:
+    """Experts per MoE layer: ``num_experts`` (Qwen's checkpoints) or ``num_local_experts``
+    (Mixtral's, and transformers 5's spelling when it writes a Qwen-MoE config)."""
+    if "num_experts" in hf:
+        return int(hf["num_experts"])
+    return int(hf["num_local_experts"])
+
+
+def _moe_layers(hf: dict[str, Any]) -> list[bool]:
+    """Qwen-MoE's sparse layers: every ``decoder_sparse_step``-th, except ``mlp_only_layers``."""
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    experts = _num_experts(hf)
+    return [
+        i not in dense and experts > 0 and (i + 1) % step == 0
+        for i in range(hf["num_hidden_layers"])
+    ]
+
+
+def _qwen_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        num_experts=_num_experts(hf),
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        moe_layers=_moe_layers(hf),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+_QWEN_MOE_TENSORS, _QWEN_MOE_STATE = _moe_tensor_maps("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+@register_family("qwen2_moe", tensors_from_hf=_QWEN_MOE_TENSORS, state_to_hf=_QWEN_MOE_STATE)
+def qwen2_moe_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Qwen1.5-MoE and Qwen2-MoE: Qwen2's attention (``qkv_bias``), experts on the layers
+    ``decoder_sparse_step`` and ``mlp_only_layers`` choose, and a shared expert behind a
+    sigmoid gate."""
+    layers = hf["num_hidden_layers"]
+    if hf.get("layer_types"):
+        windows = _sliding_windows(hf, layers)
+    elif hf.get("use_sliding_window"):  # transformers' rule when the config names no types
+        first = hf.get("max_window_layers", 28)
+        windows = [
+            hf.get("sliding_window") if (i + 1) % 2 and i < first else None for i in range(layers)
+        ]
+    else:
+        windows = [None] * layers
+    qkv_bias = bool(hf.get("qkv_bias", True))
+    return llama_shaped_config(
+        hf,
+        **_qwen_moe_fields(hf),
+        attention_bias=qkv_bias,
+        output_bias=False,
+        sliding_windows=windows,
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or None,
+    )
+
+
+@register_family("qwen3_moe", tensors_from_hf=_QWEN_MOE_TENSORS, state_to_hf=_QWEN_MOE_STATE)
+def qwen3_moe_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention with q/k norms, experts
+    on the layers ``decoder_sparse_step`` and ``mlp_only_layers`` choose, no shared expert."""
+    layers = hf["num_hidden_layers"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return llama_shaped_config(
+        hf, **_qwen_moe_fields(hf), qk_norm=True, sliding_windows=[window] * layers
+    )
+
+
+_MIXTRAL_TENSORS, _MIXTRAL_STATE = _moe_tensor_maps("block_sparse_moe", "w1", "w3", "w2")
+
+
+@register_family("mixtral", tensors_from_hf=_MIXTRAL_TENSORS, state_to_hf=_MIXTRAL_STATE)
+def mixtral_config(hf: dict[str, Any]) -> DecoderConfig:
+    """Mixtral: Mistral's attention, every layer's MLP a mixture of ``num_local_experts``
+    experts of ``intermediate_size``, the top-k weights always renormalised (and kept in
+    float32), optional router jitter in training."""
+    return llama_shaped_config(
+        hf,
+        num_experts=_num_experts(hf),
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["intermediate_size"],
+        norm_topk_prob=True,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        router_jitter_noise=float(hf.get("router_jitter_noise") or 0.0),
+        router_weights_in_float=True,
+    )

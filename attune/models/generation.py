@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -58,6 +58,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     all_ranks: bool = False,
+    stopped: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt, decoding all of them together with one KV cache.
 
@@ -74,6 +75,9 @@ def generate(
         all_ranks: every process of the default group decodes its own prompts in step with
             the others (a sharded model's forward is a collective): decoding goes on until
             every process's rows have finished.
+        stopped: given the new tokens so far (``[batch, steps]``) and which rows have
+            finished (``[batch]`` bool), which rows end here too (a stop string in their text):
+            their last token is kept, and decoding ends when every row has.
 
     Returns:
         The new tokens of each prompt, up to and including its stop token.
@@ -93,13 +97,19 @@ def generate(
     new_tokens, lengths = [], torch.zeros(batch, dtype=torch.long, device=device)
 
     logits = model(
-        tokens, positions=positions, padding_mask=padding_mask[:, :prompt_len], cache=cache
+        tokens,
+        positions=positions,
+        padding_mask=padding_mask[:, :prompt_len],
+        cache=cache,
+        output_last=1,  # the prompt's other logits are not needed
     )[:, -1]
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
         new_tokens.append(next_tokens)
         lengths += ~finished
         finished |= torch.isin(next_tokens, stops)
+        if stopped is not None:
+            finished |= stopped(torch.stack(new_tokens, dim=1), finished)
         if step == max_new_tokens - 1 or _all_finished(finished, all_ranks):
             break
         positions = positions[:, -1:] + 1

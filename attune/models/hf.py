@@ -198,6 +198,7 @@ def _read_weights(
     if _fresh_score_head(model, path):
         expected.pop("score.weight")
     loaded: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[tuple[int, int, int]]] = {}  # grouped tensors: the slots read
     if tensors is None:
         tensors = iter_safetensors(weight_files(path))
     for hf_name, file, hf_tensor in tensors:
@@ -212,18 +213,37 @@ def _read_weights(
                 f"{file.name}: tensor '{hf_name}' of shape {tuple(hf_tensor.shape)} does not "
                 f"fit the config ({error})"
             ) from None
-        for name, tensor in parts:
+        for name, tensor, slot in parts:
             if name not in expected:
                 raise CheckpointError(
                     f"{file.name}: tensor '{hf_name}' does not belong to a "
                     f"{hf_config['model_type']} model of this config"
                 )
-            if tuple(tensor.shape) != tuple(expected[name].shape):
+            shape = tuple(expected[name].shape)
+            if slot is not None:  # one expert's projection, a block of a grouped tensor
+                if not 0 <= slot.index < shape[0]:
+                    raise CheckpointError(
+                        f"{file.name}: tensor '{hf_name}' is expert {slot.index}, but the config "
+                        f"has {shape[0]} experts"
+                    )
+                shape = (shape[1] // slot.parts, *shape[2:])
+            if tuple(tensor.shape) != shape:
                 raise CheckpointError(
                     f"{file.name}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, but the "
-                    f"config makes it {tuple(expected[name].shape)}"
+                    f"config makes it {shape}"
                 )
-            loaded[name] = tensor.to(device=device, dtype=dtype)
+            if slot is None:
+                loaded[name] = tensor.to(device=device, dtype=dtype)
+                continue
+            if name not in loaded:
+                loaded[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
+                filled[name] = set()
+            rows = shape[0]
+            loaded[name][slot.index, slot.part * rows : (slot.part + 1) * rows] = tensor
+            filled[name].add((slot.index, slot.part, slot.parts))
+    for name, slots in filled.items():
+        if len(slots) != expected[name].shape[0] * next(iter(slots))[2]:
+            del loaded[name]  # some expert's tensor is not in the folder: reported as missing
     missing = sorted(set(expected) - set(loaded))
     if missing:
         names = ", ".join(llama_keys_to_hf(n) for n in missing[:3])

@@ -49,3 +49,13 @@ class KVCache:
     def advance(self, steps: int) -> None:
         """Mark ``steps`` more tokens as cached (after every layer has stored them)."""
         self.length += steps
+
+    def rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache holding these batch rows of this one (a row may repeat), with their
+        cached tokens: prompts that share a prefix go on from one pass over it."""
+        chosen = KVCache.__new__(KVCache)
+        chosen.keys = [keys.index_select(0, index) for keys in self.keys]
+        chosen.values = [values.index_select(0, index) for values in self.values]
+        chosen.max_len = self.max_len
+        chosen.length = self.length
+        return chosen

@@ -15,6 +15,7 @@ from torch import nn
 from attune.models.config import DecoderConfig
 from attune.models.kv_cache import KVCache
 from attune.models.masks import DocumentBlockMask, DocumentSpans
+from attune.models.moe import SparseMoE
 from attune.models.rope import apply_rope
 from attune.models.sdpa import scaled_dot_product_attention
 
@@ -164,11 +165,13 @@ class GatedMLP(nn.Module):
 
     Args:
         config: the decoder's shape.
+        intermediate_size: the inner width (default: the config's ``intermediate_size``).
     """
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, intermediate_size: int | None = None):
         super().__init__()
-        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        hidden, bias = config.hidden_size, config.mlp_bias
+        inner = intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
@@ -199,7 +202,11 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich_norms = config.sandwich_norms
-        self.mlp = GatedMLP(config)
+        self.mlp: GatedMLP | SparseMoE = (
+            SparseMoE(config, layer_index)
+            if config.moe_layers is not None and config.moe_layers[layer_index]
+            else GatedMLP(config)
+        )
 
     def forward(
         self,

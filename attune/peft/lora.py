@@ -1,4 +1,5 @@
-"""LoRA, DoRA and QLoRA adapters on a model's linear layers.
+"""LoRA, DoRA and QLoRA adapters on a model's linear layers, and LoRA on the grouped weights of
+a mixture of experts.
 
 :class:`LoRALinear` replaces an ``nn.Linear`` in place and keeps its ``weight`` and ``bias``
 under the same names, so the model's state dict and HF key map still apply to the base weights;
@@ -10,6 +11,13 @@ which are peft's names too.
 
 ``s = alpha / sqrt(r)`` with rsLoRA. QLoRA keeps the frozen ``W`` in 4-bit NF4 (torchao) and
 computes in the activations' dtype.
+
+:class:`LoRAGroupedExperts` replaces a :class:`~attune.models.moe.GroupedExperts` in place: each
+adapted projection ``P`` (``gate_up_proj``, ``down_proj``, ``[experts, out, in]``) gets one rank-r
+adapter per expert, ``lora_A.P`` ``[experts, r, in]`` and ``lora_B.P`` ``[experts, out, r]``,
+applied inside the grouped product (``y_e = W_e x + s B_e A_e x`` for expert ``e``'s rows, no
+loop over experts). These are peft's ``target_parameters`` adapters (its ``ParamWrapper``), so
+they take no dropout, DoRA or NF4 base.
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from attune.errors import ConfigError
+from attune.models.moe import GroupedExperts, grouped_linear
 from attune.quantization import ao
 from attune.suggest import did_you_mean
 
 ALL_LINEAR = "all-linear"
+# the grouped expert weights LoRA adapts, in the order transformers 5 registers them on its
+# experts modules (which is the order peft nests its wrappers of them: see attune.peft.adapter)
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -41,7 +53,18 @@ class LoraSettings:
         dropout: dropout on the adapter's input.
         target_modules: linear layer names to adapt (``q_proj``, ``k_proj``, ``v_proj``,
             ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``lm_head``), or
-            ``all-linear`` for every linear layer except the output head (peft's meaning).
+            ``all-linear`` for every linear layer except the output head (peft's meaning) and,
+            on a mixture-of-experts model, the experts' grouped weights too (as if
+            ``target_parameters`` named both). A MoE router is not a linear layer: it stays
+            frozen. (peft's own ``all-linear`` on transformers 5 differs by model type: it
+            adapts Qwen3-MoE's and Mixtral's routers too, with rank ``2r`` on ``gate_up_proj``,
+            and Qwen2-MoE's experts not at all; attune's adapter folders list what they adapt,
+            so peft loads exactly that.)
+        target_parameters: grouped expert weights to adapt (peft's ``target_parameters``): a
+            parameter's name or the end of it, ``mlp.experts.gate_up_proj`` and
+            ``mlp.experts.down_proj``; every expert gets an adapter of its own. A linear
+            layer's weight (``down_proj.weight``) adapts that layer, as ``target_modules``
+            would. Adapters on parameters take no dropout and no DoRA.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: weight-decomposed LoRA (a trained magnitude per output feature).
         quantize_base: QLoRA: keep the frozen base weights of adapted layers in NF4.
@@ -53,6 +76,7 @@ class LoraSettings:
     target_modules: Sequence[str] | str = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    target_parameters: Sequence[str] = ()
     use_rslora: bool = False
     use_dora: bool = False
     quantize_base: bool = False
@@ -179,7 +203,125 @@ class LoRALinear(nn.Module):
         return merged
 
 
-def _targets(model: nn.Module, settings: LoraSettings) -> list[str]:
+class LoRAGroupedExperts(GroupedExperts):
+    """Grouped experts (frozen) plus a trainable rank-r update per expert on each adapted
+    projection, added inside the grouped product.
+
+    Args:
+        base: the experts to adapt (their weights are taken over and frozen).
+        projections: which of ``gate_up_proj`` and ``down_proj`` to adapt.
+        rank, alpha, use_rslora: see :class:`LoraSettings`.
+
+    Each adapted projection ``P`` of ``[experts, out, in]`` gets ``lora_A[P]`` of
+    ``[experts, r, in]`` (peft's initialisation, per expert) and ``lora_B[P]`` of
+    ``[experts, out, r]`` (zeros), so the update starts at 0.
+    """
+
+    def __init__(
+        self,
+        base: GroupedExperts,
+        projections: Sequence[str],
+        rank: int,
+        alpha: float,
+        use_rslora: bool = False,
+    ):
+        nn.Module.__init__(self)
+        # take over the experts as they are (their settings, submodules and frozen weights)
+        for key, value in vars(base).items():
+            if not key.startswith("_"):
+                setattr(self, key, value)
+        for name, child in base.named_children():
+            self.add_module(name, child)
+        for name, buffer in base.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        for name, weight in base.named_parameters(recurse=False):
+            self.register_parameter(name, nn.Parameter(weight.detach(), requires_grad=False))
+        self.rank = rank
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in projections:
+            weight = getattr(self, name)
+            experts, out_features, in_features = weight.shape
+            factory = {"device": weight.device, "dtype": weight.dtype}
+            self.lora_A[name] = nn.Parameter(torch.empty(experts, rank, in_features, **factory))
+            self.lora_B[name] = nn.Parameter(torch.empty(experts, out_features, rank, **factory))
+        self.adapter_enabled = True  # off: the experts alone (see disabled_adapters)
+        self.reset_adapter()
+
+    @property
+    def projections(self) -> list[str]:
+        """The adapted projections, in :data:`EXPERT_PROJECTIONS`' order."""
+        return [name for name in EXPERT_PROJECTIONS if name in self.lora_A]
+
+    def initial_adapter(self) -> dict[str, torch.Tensor]:
+        """Fresh adapter values, full size, on the CPU in float32, by parameter name
+        (``lora_A.gate_up_proj``...): ``A`` as peft draws its ``[experts x r, in]`` matrix
+        (Kaiming-uniform, bound ``1 / sqrt(in)``), ``B`` zeros. For a model built on the meta
+        device, whose shards take their slices of these."""
+        values = {}
+        for name in self.projections:
+            a = self.lora_A[name]
+            drawn = torch.empty(a.shape[0] * a.shape[1], a.shape[2])
+            nn.init.kaiming_uniform_(drawn, a=math.sqrt(5))
+            values[f"lora_A.{name}"] = drawn.view(a.shape)
+            values[f"lora_B.{name}"] = torch.zeros(self.lora_B[name].shape)
+        return values
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """peft's initialisation (see :meth:`initial_adapter`); nothing is drawn on the meta
+        device, where the values come later, once."""
+        if any(p.is_meta for p in self.lora_A.values()):
+            return
+        for name, value in self.initial_adapter().items():
+            self.get_parameter(name).copy_(value)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B_e A_e`` for every expert: ``[experts, out, in]``."""
+        return self.scaling * torch.bmm(self.lora_B[name], self.lora_A[name])
+
+    @torch.no_grad()
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The projection's weight with the update folded in: ``[experts, out, in]``."""
+        weight: torch.Tensor = getattr(self, name)
+        if name not in self.lora_A:
+            return weight
+        return weight + self.delta_weight(name).to(weight.dtype)
+
+    def project(self, name: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        out = grouped_linear(rows, getattr(self, name), counts)
+        if not self.adapter_enabled or name not in self.lora_A:
+            return out
+        a, b = self.lora_A[name], self.lora_B[name]
+        # grouped products need 16-byte strides: zero ranks padded on (rank 8 covers float32,
+        # bfloat16 and float16) add nothing to the update
+        pad = -self.rank % 8
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        update = grouped_linear(grouped_linear(rows, a, counts), b, counts)
+        return out + update * self.scaling
+
+
+def _plain_experts(module: LoRAGroupedExperts) -> GroupedExperts:
+    """The experts with every adapter folded in, as a plain :class:`GroupedExperts`."""
+    plain = GroupedExperts.__new__(GroupedExperts)
+    nn.Module.__init__(plain)
+    adapter_attributes = ("rank", "scaling", "adapter_enabled")
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key not in adapter_attributes:
+            setattr(plain, key, value)
+    for name, child in module.named_children():
+        if name not in ("lora_A", "lora_B"):
+            plain.add_module(name, child)
+    for name, buffer in module.named_buffers(recurse=False):
+        plain.register_buffer(name, buffer)
+    for name, _ in module.named_parameters(recurse=False):
+        plain.register_parameter(name, nn.Parameter(module.merged_weight(name)))
+    return plain
+
+
+def _linear_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if settings.target_modules == ALL_LINEAR:
         return [name for name in linear if name.rsplit(".", 1)[-1] not in ("lm_head", "score")]
@@ -192,6 +334,11 @@ def _targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     for target in wanted:
         if target not in short_names:
             hint = did_you_mean(target, short_names)
+            if target in EXPERT_PROJECTIONS and experts_modules(model):
+                hint = (
+                    f" (the experts' {target} is a grouped weight, not a linear layer: name it "
+                    f"in lora.target_parameters, e.g. mlp.experts.{target})"
+                )
             raise ConfigError(
                 f"lora.target_modules: the model has no linear layer '{target}'{hint} (it has "
                 f"{', '.join(sorted(short_names))}, or use {ALL_LINEAR})"
@@ -199,42 +346,165 @@ def _targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     return [name for name in linear if name.rsplit(".", 1)[-1] in wanted]
 
 
+def experts_modules(model: nn.Module) -> list[str]:
+    """The names of the model's grouped experts modules (none in a dense model)."""
+    return [name for name, module in model.named_modules() if isinstance(module, GroupedExperts)]
+
+
+def _parameter_targets(model: nn.Module, settings: LoraSettings) -> tuple[list[str], list[str]]:
+    """The linear layers and the expert weights (``...experts.gate_up_proj``) that
+    ``target_parameters`` names, each entry a parameter's full name or its end (peft's rule)."""
+    targets = (
+        [settings.target_parameters]
+        if isinstance(settings.target_parameters, str)
+        else list(settings.target_parameters)
+    )
+    linear, experts = [], []
+    for target in targets:
+        matched = [
+            (module_name, module, parameter)
+            for module_name, module in model.named_modules()
+            for parameter, _ in module.named_parameters(recurse=False)
+            if f"{module_name}.{parameter}" == target
+            or f"{module_name}.{parameter}".endswith(f".{target}")
+        ]
+        if not matched:
+            if not experts_modules(model):
+                hint = "; this model has no experts (name its linear layers in target_modules)"
+            else:
+                names = [f"mlp.experts.{name}" for name in EXPERT_PROJECTIONS]
+                hint = did_you_mean(target, names) + f" (it has {', '.join(names)})"
+            raise ConfigError(
+                f"lora.target_parameters: the model has no parameter '{target}'{hint}"
+            )
+        for module_name, module, parameter in matched:
+            if isinstance(module, GroupedExperts) and parameter in EXPERT_PROJECTIONS:
+                experts.append(f"{module_name}.{parameter}")
+            elif isinstance(module, nn.Linear) and parameter == "weight":
+                linear.append(module_name)
+            else:
+                raise ConfigError(
+                    f"lora.target_parameters: '{target}' names {module_name}.{parameter}, which "
+                    "LoRA does not adapt: it adapts the experts' grouped weights "
+                    f"({', '.join(EXPERT_PROJECTIONS)}) and linear layers' weights; a router "
+                    "(mlp.gate) stays frozen"
+                )
+    return linear, experts
+
+
+def _check_expert_settings(settings: LoraSettings, experts: list[str]) -> None:
+    """Adapters on grouped expert weights are plain LoRA (peft's ParamWrapper is too)."""
+    if not experts:
+        return
+    leave_out = (
+        f"; or name lora.target_modules instead of {ALL_LINEAR} to leave the experts out"
+        if settings.target_modules == ALL_LINEAR and not settings.target_parameters
+        else ""
+    )
+    where = f"the experts' grouped weights ({experts[0]}...)"
+    if settings.dropout > 0:
+        raise ConfigError(
+            f"lora.dropout={settings.dropout}: adapters on {where} take no dropout (it cannot "
+            f"be factored out of a grouped product; peft refuses it too); set lora.dropout=0"
+            f"{leave_out}"
+        )
+    if settings.use_dora:
+        raise ConfigError(
+            f"lora.use_dora: DoRA is not supported on {where} (nor by peft); set "
+            f"lora.use_dora=false{leave_out}"
+        )
+    if settings.quantize_base:
+        raise ConfigError(
+            f"lora.quantize_base: QLoRA keeps linear layers in NF4, not {where}; set "
+            f"lora.quantize_base=false{leave_out}"
+        )
+
+
+def _targets(model: nn.Module, settings: LoraSettings) -> tuple[list[str], dict[str, list[str]]]:
+    """The linear layers to adapt, and per experts module the projections to adapt; both in the
+    model's module order (the order adapters are drawn in)."""
+    linear = set(_linear_targets(model, settings))
+    named_linear, named_experts = _parameter_targets(model, settings)
+    linear.update(named_linear)
+    experts = set(named_experts)
+    if settings.target_modules == ALL_LINEAR:
+        experts.update(f"{m}.{p}" for m in experts_modules(model) for p in EXPERT_PROJECTIONS)
+    if named_linear and (settings.dropout > 0 or settings.use_dora):
+        raise ConfigError(
+            "lora.target_parameters: adapters on parameters take no dropout and no DoRA (as "
+            "peft's); name the linear layers in lora.target_modules instead"
+        )
+    ordered = [name for name, _ in model.named_modules()]
+    projections: dict[str, list[str]] = {}
+    for module in ordered:
+        chosen = [p for p in EXPERT_PROJECTIONS if f"{module}.{p}" in experts]
+        if chosen:
+            projections[module] = chosen
+    _check_expert_settings(settings, [f"{m}.{p[0]}" for m, p in projections.items()])
+    return [name for name in ordered if name in linear], projections
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
-    """Replace the target linear layers with :class:`LoRALinear` and freeze everything else.
+    """Replace the target linear layers with :class:`LoRALinear` and the target experts with
+    :class:`LoRAGroupedExperts`, and freeze everything else (routers included).
 
     Returns:
-        The adapted layers' names (in the model's naming).
+        The adapted layers' names (in the model's naming): linear layers, and experts modules'
+        adapted weights (``layers.0.mlp.experts.gate_up_proj``).
     """
-    if getattr(model, "ties_embeddings", False) and "lm_head" in _short(settings):
+    tied = getattr(model, "ties_embeddings", False)
+    if tied and "lm_head" in _short(settings):
         raise ConfigError(
             "lora.target_modules: lm_head is the embedding matrix in this model (tied "
             "embeddings); adapt the other layers"
         )
-    targets = _targets(model, settings)
+    linear, experts = _targets(model, settings)
+    if tied and "lm_head" in linear:
+        raise ConfigError(
+            "lora.target_parameters: lm_head is the embedding matrix in this model (tied "
+            "embeddings); adapt the other layers"
+        )
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in targets:
+    # in module order, so that adapters are drawn in the same order however they are built
+    order = [name for name, _ in model.named_modules() if name in experts or name in linear]
+    for name in order:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(
-            getattr(parent, child),
-            settings.rank,
-            settings.alpha,
-            settings.dropout,
-            settings.use_rslora,
-            settings.use_dora,
-            settings.quantize_base,
-        )
+        layer: nn.Module
+        if name in experts:
+            layer = LoRAGroupedExperts(
+                getattr(parent, child),
+                experts[name],
+                settings.rank,
+                settings.alpha,
+                settings.use_rslora,
+            )
+        else:
+            layer = LoRALinear(
+                getattr(parent, child),
+                settings.rank,
+                settings.alpha,
+                settings.dropout,
+                settings.use_rslora,
+                settings.use_dora,
+                settings.quantize_base,
+            )
         setattr(parent, child, layer)
-    return targets
+    return [
+        target
+        for name in order
+        for target in ([f"{name}.{p}" for p in experts[name]] if name in experts else [name])
+    ]
 
 
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as its base model inside the block: every :class:`LoRALinear` computes its
-    frozen layer alone. This is the reference model of LoRA preference and RL training, with no
-    second copy of the weights in memory."""
-    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    frozen layer alone, every :class:`LoRAGroupedExperts` its frozen experts. This is the
+    reference model of LoRA preference and RL training, with no second copy of the weights in
+    memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear | LoRAGroupedExperts)]
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False
@@ -256,7 +526,8 @@ def is_adapter_key(name: str) -> bool:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors, under the model's names (``...q_proj.lora_A.weight``)."""
+    """The trainable adapter tensors, under the model's names (``...q_proj.lora_A.weight``,
+    ``...experts.lora_A.gate_up_proj``)."""
     return {name: t for name, t in model.state_dict().items() if is_adapter_key(name)}
 
 
@@ -270,19 +541,22 @@ def merge_state_dict(
     state: Mapping[str, torch.Tensor], settings: LoraSettings
 ) -> dict[str, torch.Tensor]:
     """A LoRA model's (full) state dict as a plain model's: each adapted weight merged
-    (``W + s B A``, or DoRA's ``m * (W + s B A) / |W + s B A|``), adapter tensors dropped."""
+    (``W + s B A``, or DoRA's ``m * (W + s B A) / |W + s B A|``; per expert ``W_e + s B_e A_e``
+    for grouped expert weights), adapter tensors dropped."""
     merged = {name: tensor for name, tensor in state.items() if not is_adapter_key(name)}
     for name in state:
-        if not name.endswith(".lora_A.weight"):
+        if ".lora_A." not in name:
             continue
-        layer = name.removesuffix(".lora_A.weight")
-        weight = _dense(state[f"{layer}.weight"])
-        a, b = state[name], state[f"{layer}.lora_B.weight"]
-        update = weight + (settings.scaling * (b.float() @ a.float())).to(weight.dtype)
-        magnitude = state.get(f"{layer}.lora_magnitude_vector")
+        # X.lora_A.weight adapts X.weight (a linear layer); X.lora_A.P adapts X.P (experts)
+        owner, _, leaf = name.rpartition(".lora_A.")
+        weight = _dense(state[f"{owner}.{leaf}"])
+        a, b = state[name].float(), state[f"{owner}.lora_B.{leaf}"].float()
+        product = torch.bmm(b, a) if a.dim() == 3 else b @ a
+        update = weight + (settings.scaling * product).to(weight.dtype)
+        magnitude = state.get(f"{owner}.lora_magnitude_vector")
         if magnitude is not None:
             update = update * (magnitude / update.norm(dim=1))[:, None]
-        merged[f"{layer}.weight"] = update
+        merged[f"{owner}.{leaf}"] = update
     return merged
 
 
@@ -293,13 +567,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             state[f"{name}.weight"] = module.merged_weight()
+        if isinstance(module, LoRAGroupedExperts):
+            for projection in module.projections:
+                state[f"{name}.{projection}"] = module.merged_weight(projection)
     return state
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain ``nn.Linear`` layers back."""
+    """Fold every adapter into its base weight and put plain ``nn.Linear`` layers (and
+    :class:`~attune.models.moe.GroupedExperts`) back."""
     for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if isinstance(module, LoRAGroupedExperts):
+            experts = _plain_experts(module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, experts)
+            continue
         if not isinstance(module, LoRALinear):
             continue
         weight = module.merged_weight()
@@ -313,6 +596,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
         linear.weight.copy_(weight)
         if module.bias is not None:
             linear.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     return model

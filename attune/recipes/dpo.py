@@ -12,11 +12,12 @@ and cached in ``output_dir``, so no reference is held during training.
     tune run --nproc_per_node 2 full_dpo_distributed --config tiny/dpo_full
 """
 
-from attune import config, rl, training
+from attune import config, evaluation, rl, training
 
 SCHEMA = {
     **training.TRAINING_KEYS,
     **training.VALIDATION_KEYS,
+    **evaluation.EVAL_KEYS,
     "precompute_reference": config.Field(bool, required=False),
     "loss": config.Component(required=False, expects=rl.PREFERENCE_LOSS),
 }
@@ -24,9 +25,11 @@ SCHEMA = {
 
 @training.recipe(SCHEMA)
 def recipe_main(cfg, run):
-    # The objective first (a bad beta ends the run before any work), then the policy (sharded
-    # under torchrun), its adapters, and where to resume
+    # The objective and the lm-eval tasks to score as it trains first (a bad beta or task ends
+    # the run before any work), then the policy (sharded under torchrun), its adapters, and
+    # where to resume
     loss_fn = config.instantiate(cfg.get("loss")) or rl.SigmoidDPOLoss()
+    harness = evaluation.EvalDuringTraining(cfg, run)
     setup = training.setup_training(cfg, run)
     policy, tokenizer, lora = setup.model, setup.tokenizer, setup.lora
 
@@ -70,6 +73,7 @@ def recipe_main(cfg, run):
         )  # fmt: skip
         if held_out.due(loop.step):
             loop.log_now(held_out.metrics())
+        harness.at_step(loop, policy, tokenizer)
         loop.end_step()
     loop.finish()
     held_out.report("after")

@@ -3,13 +3,22 @@ lm-eval's tasks by attune's own model, as lm-eval's HF model would score it.
 
 ``tasks`` names lm-eval tasks or groups; ``include_path`` adds a folder of the user's own task
 YAMLs. The shipped local tasks (``attune_reverse_words_mc``, ``attune_reverse_words_gen``,
-``attune_reverse_words_rolling``) need nothing downloaded. Results go to
-``${output_dir}/results.json`` (lm-eval's results dict), samples to
-``${output_dir}/samples_<task>.jsonl`` with ``log_samples: true``, and lm-eval's table is printed.
-Needs the ``eval`` extra: ``pip install "attune[eval]"``.
+``attune_reverse_words_rolling``) need nothing downloaded. Every task's dataset is loaded before
+the model is: one that cannot be (offline with no cached copy, a missing data file) stops the
+run with one line naming the task, its YAML and the dataset, and how to point it at local files.
+Results go to ``${output_dir}/results.json`` (lm-eval's results dict), samples to
+``${output_dir}/samples_<task>.jsonl`` with ``log_samples: true``, and lm-eval's table is printed,
+then how many requests each process answered. Needs the ``eval`` extra:
+``pip install "attune[eval]"``.
+
+On several processes (``tune run --nproc_per_node N eleuther_eval ...``) every process holds the
+whole model and lm-eval gives each its share of every task's documents (its ``rank`` /
+``world_size`` contract); the per-document scores are gathered on rank 0, which writes
+results.json: the same scores as one process.
 
     tune run eleuther_eval --config tiny/eval
     tune run eleuther_eval --config tiny/eval adapter=/tmp/attune/tiny_lora/checkpoints/step_1000
+    tune run --nproc_per_node 2 eleuther_eval --config tiny/eval
 """
 
 import json
@@ -28,7 +37,8 @@ SCHEMA = {
     "tasks": list,
     "include_path": config.Field(str | None, required=False),
     "num_fewshot": config.Field(int | None, required=False, minimum=0),
-    "limit": config.Field(int | float | None, required=False),
+    # examples per task, or (below 1.0) that share of each task
+    "limit": config.Field(int | float | None, required=False, above=0),
     "batch_size": config.Field(int, required=False, minimum=1),
     "apply_chat_template": config.Field(bool, required=False),
     "fewshot_as_multiturn": config.Field(bool, required=False),
@@ -38,19 +48,21 @@ SCHEMA = {
 }
 
 
-def task_manager(include_path, local_tasks_dir):
+def task_manager(include_path, local_tasks_dir, names):
     """lm-eval's ``TaskManager`` over its own tasks, the shipped local tasks and
-    ``include_path``."""
+    ``include_path`` (lm-eval's own left out when only shipped tasks are asked for: indexing
+    its thousands of YAMLs takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    from attune.evaluation import local_task_folder
+    from attune.evaluation import LOCAL_TASKS, local_task_folder
 
     paths = [str(local_task_folder(local_tasks_dir))]
     if include_path:
         if not Path(include_path).is_dir():
             raise ConfigError(f"include_path: {include_path} is not a folder of task YAMLs")
         paths.append(str(include_path))
-    return TaskManager(include_path=paths)
+    shipped_only = not include_path and set(names) <= set(LOCAL_TASKS)
+    return TaskManager(include_path=paths, include_defaults=not shipped_only)
 
 
 def check_tasks(names, manager):
@@ -65,49 +77,65 @@ def check_tasks(names, manager):
 def recipe_main(cfg):
     try:
         import lm_eval
-        from lm_eval.utils import handle_non_serializable, make_table
+        from lm_eval.utils import make_table
 
+        from attune.evaluation import load_tasks
         from attune.evaluation.lm import AttuneLM
     except ImportError:
         raise ConfigError(
             'eleuther_eval needs lm-evaluation-harness: pip install "attune[eval]"'
         ) from None
-    limit = cfg.get("limit")
-    if limit is not None and limit <= 0:
-        raise ConfigError(f"limit: {limit} must be > 0 (a number of examples, or a fraction)")
     names = [str(name) for name in cfg.tasks]
     if not names:
         raise ConfigError("tasks: name at least one lm-eval task")
     output_dir = Path(cfg.output_dir)
-    manager = task_manager(cfg.get("include_path"), output_dir / "local_tasks")
+    manager = task_manager(cfg.get("include_path"), output_dir / "local_tasks", names)
     check_tasks(names, manager)
+    tasks = load_tasks(manager, names)  # their datasets too, before any model is built
 
-    device = training.resolve_device(cfg.get("device", "auto"))
-    dtype = training.resolve_dtype(cfg.get("dtype", "fp32"))
-    seed = cfg.get("seed", 0)
-    tokenizer = config.instantiate(cfg.tokenizer)
-    model, _ = training.inference_model(cfg, dtype, device)
-    gen_kwargs = cfg.get("gen_kwargs")
-    results = lm_eval.simple_evaluate(
-        model=AttuneLM(model, tokenizer, batch_size=cfg.get("batch_size", 8)),
-        tasks=names,
-        num_fewshot=cfg.get("num_fewshot"),
-        limit=limit,
-        log_samples=cfg.get("log_samples", False),
-        system_instruction=cfg.get("system_instruction"),
-        apply_chat_template=cfg.get("apply_chat_template", False),
-        fewshot_as_multiturn=cfg.get("fewshot_as_multiturn", False),
-        gen_kwargs=None if gen_kwargs is None else OmegaConf.to_container(gen_kwargs),
-        task_manager=manager,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-    if results is None:  # lm-eval returns results on rank 0 only
-        return
+    with training.start_run(cfg) as run:
+        tokenizer = config.instantiate(cfg.tokenizer)
+        model, _ = training.inference_model(cfg, run.dtype, run.device)
+        lm = AttuneLM(model, tokenizer, batch_size=cfg.get("batch_size", 8), world=run.world)
+        seed = cfg.get("seed", 0)
+        gen_kwargs = cfg.get("gen_kwargs")
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=cfg.get("num_fewshot"),
+            limit=cfg.get("limit"),
+            log_samples=cfg.get("log_samples", False),
+            system_instruction=cfg.get("system_instruction"),
+            apply_chat_template=cfg.get("apply_chat_template", False),
+            fewshot_as_multiturn=cfg.get("fewshot_as_multiturn", False),
+            gen_kwargs=None if gen_kwargs is None else OmegaConf.to_container(gen_kwargs),
+            task_manager=manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        answered = lm.gather_object(lm.answered)
+        if run.is_main:  # lm-eval gathers the results on rank 0 and returns None elsewhere
+            write_results(results, output_dir)
+            print(make_table(results), flush=True)
+            if "groups" in results:
+                print(make_table(results, "groups"), flush=True)
+            print(answered_line(answered), flush=True)
+
+
+def answered_line(counts):
+    """How many requests each process answered."""
+    if len(counts) == 1:
+        return f"requests answered: {counts[0]}"
+    return f"requests answered: {' + '.join(map(str, counts))} on {len(counts)} processes"
+
+
+def write_results(results, output_dir):
+    """``results.json`` (lm-eval's results dict) and, when logged, ``samples_<task>.jsonl``."""
+    from lm_eval.utils import handle_non_serializable
+
     samples = results.pop("samples", None) or {}
-    output_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
     (output_dir / "results.json").write_text(text + "\n", encoding="utf-8")
     for task, rows in samples.items():
@@ -116,9 +144,6 @@ def recipe_main(cfg):
             for row in rows
         )
         (output_dir / f"samples_{task}.jsonl").write_text(lines, encoding="utf-8")
-    print(make_table(results), flush=True)
-    if "groups" in results:
-        print(make_table(results, "groups"), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ accumulation, checkpoints, metrics) live in ``attune.training``.
     tune run --nproc_per_node 2 qat_distributed --config tiny/qat
 """
 
-from attune import config, quantization, training
+from attune import config, evaluation, quantization, training
 
 SCHEMA = {
     **training.TRAINING_KEYS,
     **training.VALIDATION_KEYS,
+    **evaluation.EVAL_KEYS,
     "loss": config.Component(required=False, expects=training.SFT_LOSS),
     "quantization": config.Component(required=False),
     "fake_quant_after_n_steps": config.Field(int | None, required=False),
@@ -26,7 +27,9 @@ SCHEMA = {
 
 @training.recipe(SCHEMA)
 def recipe_main(cfg, run):
-    # Model (sharded under torchrun), adapters, QAT's fake quantization, where to resume
+    # lm-eval tasks to score as it trains (checked now), the model (sharded under torchrun),
+    # adapters, QAT's fake quantization, where to resume
+    harness = evaluation.EvalDuringTraining(cfg, run)
     scheme = config.instantiate(cfg.get("quantization"))
     setup = training.setup_training(cfg, run, scheme)
     model, tokenizer = setup.model, setup.tokenizer
@@ -54,13 +57,19 @@ def recipe_main(cfg, run):
         grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
         loop.count(result.input_tokens)
         loop.log(
-            {"loss": result.loss, "trained_tokens": result.trained_tokens, "grad_norm": grad_norm}
+            {
+                "loss": result.loss,
+                "trained_tokens": result.trained_tokens,
+                "grad_norm": grad_norm,
+                **result.extras,  # a mixture of experts' router loss
+            }
         )
         if validation is not None and eval_every and loop.step % eval_every == 0:
             val_loss = training.held_out_loss(
                 model, validation, loss_fn, cfg.batch_size, pad_id, run
             )
             loop.log_now({"val_loss": val_loss})
+        harness.at_step(loop, model, tokenizer)
         loop.end_step()
     loop.finish()
     answers.record(model, "after")

@@ -19,12 +19,13 @@ import functools
 
 import torch
 
-from attune import config, peft, rl, training
+from attune import config, evaluation, peft, rl, training
 from attune.distributed import all_ranks_sums
 from attune.errors import ConfigError
 
 SCHEMA = {
     **training.TRAINING_KEYS,
+    **evaluation.EVAL_KEYS,
     "value_model": config.Component(provided=("dtype", "device")),
     "reward": config.Component(expects=rl.REWARD_SOURCE),
     "ppo": config.Component(required=False),
@@ -36,9 +37,11 @@ SCHEMA = {
 
 @training.recipe(SCHEMA)
 def recipe_main(cfg, run):
-    # Settings first (a bad one ends the run before any work), then the policy (with its
-    # adapters), the value model, the frozen reference and the reward source
+    # Settings and the lm-eval tasks to score as it trains first (a bad one ends the run before
+    # any work), then the policy (with its adapters), the value model, the frozen reference and
+    # the reward source
     settings = config.instantiate(cfg.get("ppo")) or rl.PPOSettings()
+    harness = evaluation.EvalDuringTraining(cfg, run)
     minibatches = settings.minibatches(cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
     distributed = run.world.distributed
     reward = config.instantiate(cfg.reward)
@@ -193,6 +196,7 @@ def recipe_main(cfg, run):
                 "grad_norm": grad_norm,
             }
         )
+        harness.at_step(loop, policy, tokenizer)
         loop.end_step()
     loop.finish()
     answers.record(policy, "after")

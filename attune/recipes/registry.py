@@ -84,6 +84,16 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("ppo_lora_finetune_single_device", "ppo.py", ("tiny/ppo_lora",)),
     Recipe("ppo_full_finetune_distributed", "ppo.py", ("tiny/ppo", "tiny/ppo_reward_model")),
     Recipe("ppo_lora_finetune_distributed", "ppo.py", ("tiny/ppo_lora",)),
+    Recipe(
+        "knowledge_distillation_single_device",
+        "knowledge_distillation.py",
+        ("tiny/kd", "tiny/kd_lora", "qwen2_5/1.5B_to_0.5B_kd"),
+    ),
+    Recipe(
+        "knowledge_distillation_distributed",
+        "knowledge_distillation.py",
+        ("tiny/kd", "tiny/kd_lora", "qwen2_5/1.5B_to_0.5B_kd", "llama3_1/8B_to_llama3_2_1B_kd"),
+    ),
     Recipe("quantize", "quantize.py", ("tiny/quantize",)),
     Recipe("generate", "generate.py", ("tiny/generate",)),
     Recipe("eleuther_eval", "eleuther_eval.py", ("tiny/eval",)),

@@ -7,6 +7,8 @@ is left out and a fresh score head added; the run saves HF ``*ForSequenceClassif
 folders that transformers' ``AutoModelForSequenceClassification`` loads, and that PPO reads as
 its reward (``attune.rl.ModelReward``) or starts its value model from. The reward is read at
 each reply's end-of-turn token (see :mod:`attune.rl.reward_model`).
+It has no ``eval`` block (lm-eval tasks during training): a scalar score head is not a
+language model lm-eval's requests can score.
 
     tune run reward_model_single_device --config tiny/reward_model
 """

@@ -11,6 +11,7 @@ from attune.training.checkpoint_state import (
 )
 from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
+from attune.training.distillation import KD_LOSS, DistillationLoss, DistillationTerms
 from attune.training.divergence import TrainingError, check_finite
 from attune.training.evaluate import evaluate, evaluated_sums, held_out_loss
 from attune.training.frozen import FrozenModels
@@ -63,8 +64,10 @@ from attune.training.setup import (
 )
 from attune.training.sharding import unsharded_root
 from attune.training.step import StepResult, accumulated_backward, backward_step, optimizer_step
+from attune.training.teacher import build_teacher, check_teacher_path, distillation_step
 
 __all__ = [
+    "KD_LOSS",
     "METRIC_LOGGER",
     "MODEL_KEYS",
     "QUANTIZED_FOLDER",
@@ -78,6 +81,8 @@ __all__ = [
     "BatchStream",
     "Checkpointer",
     "ChunkedCrossEntropy",
+    "DistillationLoss",
+    "DistillationTerms",
     "FrozenModels",
     "HeldOutPairs",
     "MetricsWriter",
@@ -96,11 +101,14 @@ __all__ = [
     "backward_step",
     "build_model",
     "build_optimizer",
+    "build_teacher",
     "check_finite",
+    "check_teacher_path",
     "compile_layers",
     "constant_with_warmup",
     "cosine_with_warmup",
     "describe_counts",
+    "distillation_step",
     "eval_batches",
     "evaluate",
     "evaluated_sums",

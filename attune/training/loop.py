@@ -29,6 +29,7 @@ import torch
 
 from attune.errors import CheckpointError, RunStopped
 from attune.models import TransformerDecoder
+from attune.models.moe import expert_load
 from attune.peft import LoraSettings
 from attune.training.checkpoint_state import restore_checkpoint, save_checkpoint
 from attune.training.checkpointer import STATE_DIR, STATE_FILE, Checkpointer, newest_up_to
@@ -252,6 +253,8 @@ class TrainingLoop:
                 "tokens_seen": self.tokens_seen,
                 "peak_memory_gb": peak_memory_gb(self.run.device),
                 "state_memory_gb": state_memory_gb(self.model, self.optimizer),
+                # a mixture of experts: each MoE layer's busiest expert, on the last batch
+                **expert_load(self.model),
             }
         )
         self._window_tokens, self._window_start = 0, time.perf_counter()

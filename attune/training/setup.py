@@ -39,6 +39,7 @@ def build_model(
     weights: str | Path | None = None,
     cpu_offload: bool = False,
     fake_quantization: QuantizationScheme | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TransformerDecoder:
     """Build the ``model`` component for this process, with LoRA adapters when given.
 
@@ -55,9 +56,11 @@ def build_model(
         cpu_offload: keep sharded parameters and optimizer state on the CPU.
         fake_quantization: quantization-aware training under this scheme: fake quantizers
             go in before sharding (FSDP2 then holds the swapped layers' parameters).
+        dtype: the weights' dtype, if not the run's (a distillation teacher's).
     """
     distributed = run.world.distributed
-    model = instantiate(node, dtype=run.dtype, device="meta" if distributed else run.device)
+    device = "meta" if distributed else run.device
+    model = instantiate(node, dtype=dtype or run.dtype, device=device)
     if lora is not None:
         apply_lora(model, lora)
     if fake_quantization is not None:

@@ -20,7 +20,7 @@ from attune.distributed import World
 from attune.errors import ConfigError
 from attune.models import TransformerDecoder, load_weights
 from attune.models.rope import RotaryEmbedding
-from attune.peft import LoRALinear, LoraSettings, is_adapter_key
+from attune.peft import LoRAGroupedExperts, LoRALinear, LoraSettings, is_adapter_key
 
 
 def shard_model(
@@ -113,6 +113,10 @@ def materialize(
                 # rows are sharded alike for the weight and its per-row magnitude
                 norms = _local(module.weight).float().norm(dim=1)
                 _local(module.lora_magnitude_vector).copy_(norms)
+        if isinstance(module, LoRAGroupedExperts):  # a mixture of experts' expert adapters
+            for name, full in module.initial_adapter().items():
+                param = module.get_parameter(name)
+                _local(param).copy_(_local(_shard_of(full.to(param.dtype), param)))
 
 
 def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:

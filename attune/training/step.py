@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from attune.distributed import all_ranks_sum, all_ranks_sums, world_size
+from attune.models.moe import aux_loss_coef, router_aux_loss
 from attune.precision import Precision, entered
 from attune.training.divergence import GROWTH_LIMIT, UpdateCheck, as_float, weights_norm
 from attune.training.loss import token_count
@@ -31,6 +32,7 @@ class StepResult:
     loss: float
     trained_tokens: int
     input_tokens: int
+    extras: dict[str, float] = field(default_factory=dict)
 
 
 def input_count(batch: dict[str, torch.Tensor]) -> int:
@@ -99,7 +101,15 @@ def accumulated_backward(
     scale = world_size() if _is_sharded(model) else 1
     sums: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
-        loss, stats = summed_loss_of(to_device(batch, device))
+        batch = to_device(batch, device)
+        loss, stats = summed_loss_of(batch)
+        # a mixture of experts adds its router's load-balancing loss (transformers' aux loss),
+        # weighted by the batch's units so that accumulation keeps the step's mean exact
+        aux = router_aux_loss(model, batch.get("padding_mask"))
+        if aux is not None:
+            count = units(batch)
+            loss = loss + aux_loss_coef(model) * aux * count
+            stats = {**stats, "router_aux_loss": aux.detach() * count}
         (loss * (scale / max(total, 1))).backward()
         for name, value in stats.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
@@ -129,7 +139,8 @@ def backward_step(
 
     Returns:
         The step's mean loss per trained token, the number of trained tokens and the number of
-        input tokens (padding aside), all over every rank.
+        input tokens (padding aside), all over every rank; for a mixture of experts,
+        ``extras`` holds the mean router load-balancing loss (``router_aux_loss``).
     """
 
     def summed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -139,7 +150,8 @@ def backward_step(
     total, input_tokens, sums = accumulated_backward(
         model, micro_batches, lambda batch: token_count(batch["labels"]), summed, device
     )
-    return StepResult(sums["loss"] / max(total, 1), total, input_tokens)
+    extras = {name: value / max(total, 1) for name, value in sums.items() if name != "loss"}
+    return StepResult(sums["loss"] / max(total, 1), total, input_tokens, extras)
 
 
 def optimizer_step(

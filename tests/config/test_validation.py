@@ -2,7 +2,7 @@
 
 import pytest
 
-from attune.config import Component, ExistingPath, Field, check, load_config, validate
+from attune.config import Block, Component, ExistingPath, Field, check, load_config, validate
 from attune.errors import ConfigError
 
 SCHEMA = {
@@ -204,3 +204,40 @@ def test_one_problem_is_one_line(write):
         check(cfg, SCHEMA)
     assert "\n" not in str(error.value)
     assert str(error.value).startswith("config: command line 'epochs=x':")
+
+
+BLOCK_SCHEMA = {
+    "output_dir": str,
+    "eval": Block({"tasks": list, "limit": Field(int | None, required=False, minimum=1)}),
+}
+
+
+def test_a_block_checks_its_own_keys_under_its_name(write):
+    path = write("b.yaml", "output_dir: /tmp/run\neval:\n  taks: [a]\n  limit: 0\n")
+    problems = validate(load_config(str(path)), BLOCK_SCHEMA)
+    assert problems == [
+        f"{path}:3: unknown key 'eval.taks'; did you mean 'eval.tasks'? (the recipe does not "
+        "read it)",
+        f"{path}:2: missing key 'tasks' in 'eval' (list); add eval.tasks: ...",
+        f"{path}:4: 'eval.limit' must be at least 1, got 0",
+    ]
+    good = load_config(str(path), ["~eval.taks", "eval.tasks=[a]", "eval.limit=2"])
+    assert validate(good, BLOCK_SCHEMA) == []
+    assert validate(load_config(str(path), ["~eval"]), BLOCK_SCHEMA) == []  # optional
+    assert validate(load_config(str(path), ["eval=3"]), BLOCK_SCHEMA) == [
+        "command line 'eval=3': 'eval' must be a mapping of keys, got 3 (int)"
+    ]
+
+
+def test_above_excludes_its_bound(write):
+    """A count or a fraction (lm-eval's ``limit``): anything greater than 0, 0 itself not."""
+    schema = {"limit": Field(int | float | None, required=False, above=0)}
+    path = write("l.yaml", "limit: 0\n")
+    assert validate(load_config(str(path)), schema) == [
+        f"{path}:1: 'limit' must be greater than 0, got 0"
+    ]
+    assert validate(load_config(str(path), ["limit=-0.5"]), schema) == [
+        "command line 'limit=-0.5': 'limit' must be greater than 0, got -0.5"
+    ]
+    for fine in ("limit=0.01", "limit=3", "limit=null"):
+        assert validate(load_config(str(path), [fine]), schema) == [], fine

@@ -10,6 +10,7 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -92,3 +93,66 @@ def test_chat_template_continues_the_final_message(tmp_path):
         )
     assert lm.chat_template(True) == reference.chat_template
     assert lm.chat_template(False) is None
+
+
+def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
+    return [
+        Instance(request_type=kind, doc={}, arguments=args, idx=index)
+        for index, args in enumerate(arguments)
+    ]
+
+
+def test_every_scoring_path_equals_hflm(tmp_path):
+    """Shared prefixes (answers of several tokens, of one token, more answers than a batch),
+    requests scored alone, an empty context, and contexts cut to the model's length, on a
+    model with wide weights (far from uniform, so that positions and masks matter)."""
+    folder = small_llama(tmp_path / "model", initializer_range=0.2)
+    model = from_pretrained(folder, dtype=torch.float32, device="cpu").eval()
+    ours = AttuneLM(model, tokenizer_from_pretrained(folder), batch_size=4, max_length=40)
+    theirs = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4,
+                  max_length=40)  # fmt: skip
+    question = "Reverse the order of these words: red boat sky dog cat"
+    long_context = " ".join(["red boat sky"] * 30)  # longer than max_length: cut on the left
+    arguments = [
+        *((question, f" {answer}") for answer in ("sky boat red", "red boat sky", "boat")),
+        *((question + " Answer:", f" {letter}") for letter in "ABCDEFG"),  # one token each
+        *(("Repeat these words: cat dog", f" {answer}") for answer in ("dog cat", "cat dog")),
+        *(("Say: red", f" {answer}") for answer in ("red boat", "boat red")),  # batched with ^
+        ("Repeat: cat", " dog cat dog"),
+        ("", "red boat sky"),
+        *((long_context, f" {answer}") for answer in ("sky", "boat red sky")),
+    ]
+    got = ours.loglikelihood(requests("loglikelihood", arguments))
+    expected = theirs.loglikelihood(requests("loglikelihood", arguments))
+    assert len(got) == len(expected) == len(arguments)
+    rows = zip(got, expected, arguments, strict=True)
+    for (score, greedy), (reference, reference_greedy), args in rows:
+        assert close(score, reference), args
+        assert greedy == reference_greedy, args
+
+    texts = [(question + " " + " ".join(["sky"] * n),) for n in (1, 30, 70)]  # 70: two windows
+    got_rolling = ours.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+    expected_rolling = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+    assert all(close(a, b) for a, b in zip(got_rolling, expected_rolling, strict=True))
+
+
+def test_generation_stops_at_a_stop_string(tmp_path):
+    """A batch stops decoding once every row has written one of its ``until`` strings, and
+    answers as HFLM does."""
+    folder = small_llama(tmp_path / "model")
+    model = from_pretrained(folder, dtype=torch.float32, device="cpu").eval()
+    ours = AttuneLM(model, tokenizer_from_pretrained(folder), batch_size=2)
+    theirs = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=2)
+    prompts = ["Reverse the order of these words: red boat sky", "Repeat: cat dog"]
+    free = ours.generate_until(
+        requests("generate_until", [(p, {"until": [], "max_gen_toks": 8}) for p in prompts])
+    )
+    assert all(len(text) > 2 for text in free)
+    stops = [text[1:3] for text in free]  # each answer's second and third characters
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    arguments = [(p, {"until": stops, "max_gen_toks": 8}) for p in prompts]
+    got = ours.generate_until(requests("generate_until", arguments))
+    assert got == [text[: text.index(stop)] for text, stop in zip(free, stops, strict=True)]
+    assert len(forwards) < 8  # not every step of max_gen_toks
+    assert got == theirs.generate_until(requests("generate_until", arguments))

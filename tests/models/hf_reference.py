@@ -109,6 +109,45 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # mixtures of experts: grouped experts, routing, dense layers between sparse ones
+    "qwen3_moe_dense_layer_normalised_top3": (
+        "Qwen3MoeConfig",
+        {
+            "head_dim": 32,
+            "num_experts": 6,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 40,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "qwen3_moe_every_second_layer_sliding": (
+        "Qwen3MoeConfig",
+        {
+            "num_experts": 5,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "decoder_sparse_step": 2,
+            "use_sliding_window": True,
+            "sliding_window": 5,
+        },
+    ),
+    "qwen2_moe_shared_expert_sliding_layers": (
+        "Qwen2MoeConfig",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 72,
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "max_window_layers": 2,
+        },
+    ),
+    "mixtral_sliding_window": (
+        "MixtralConfig",
+        {"num_local_experts": 5, "num_experts_per_tok": 2, "sliding_window": 5, "head_dim": 8},
+    ),
 }
 
 

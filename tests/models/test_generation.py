@@ -26,6 +26,9 @@ def greedy_without_cache(model, prompt, steps):
         "qwen3_qk_norm",
         "gemma2_softcaps_sandwich_sliding",
         "gemma3_local_global_rope_qk_norm",
+        "qwen3_moe_dense_layer_normalised_top3",
+        "qwen2_moe_shared_expert_sliding_layers",
+        "mixtral_sliding_window",
     ],
 )
 def test_cached_batched_decoding_equals_recomputing_each_prompt(case, tmp_path):
@@ -36,8 +39,9 @@ def test_cached_batched_decoding_equals_recomputing_each_prompt(case, tmp_path):
     assert models.generate(model, PROMPTS, NEW_TOKENS) == expected
 
 
-def test_greedy_decoding_equals_transformers_generate(tmp_path):
-    reference = make_checkpoint("qwen2_sliding_layers", tmp_path)
+@pytest.mark.parametrize("case", ["qwen2_sliding_layers", "qwen3_moe_every_second_layer_sliding"])
+def test_greedy_decoding_equals_transformers_generate(case, tmp_path):
+    reference = make_checkpoint(case, tmp_path)
     model = models.from_pretrained(tmp_path).eval()
     width = max(map(len, PROMPTS))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])

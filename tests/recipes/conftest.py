@@ -42,6 +42,37 @@ def small_llama(folder: Path, **extra) -> Path:
     return folder
 
 
+def small_moe(folder: Path, config_class: str = "Qwen3MoeConfig", **extra) -> Path:
+    """A 2-layer random mixture of experts (transformers' own init, 4 experts, top-2) with the
+    demo tokenizer; ``config_class`` names the family (``Qwen3MoeConfig``, ``Qwen2MoeConfig``,
+    ``MixtralConfig``)."""
+    transformers = pytest.importorskip("transformers")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder)
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    experts = "num_local_experts" if config_class == "MixtralConfig" else "num_experts"
+    shape = dict(
+        vocab_size=len(vocab) + 3,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=None,
+        num_experts_per_tok=2,
+        **{experts: 4},
+    )
+    if config_class != "MixtralConfig":
+        shape["moe_intermediate_size"] = 48
+    config = getattr(transformers, config_class)(**{**shape, **extra})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     return small_llama(tmp_path_factory.mktemp("small_llama"))

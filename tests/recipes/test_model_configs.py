@@ -22,23 +22,41 @@ SHAPE = dict(
 )
 
 
+# mixtures of experts, scaled down: 4 experts, top-2 (Qwen3-30B-A3B's shape cut, with its
+# renormalised top-k; Qwen1.5-MoE's shared expert; Mixtral's experts of intermediate_size)
+QWEN3_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+)
+QWEN2_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=96,
+)  # fmt: skip
+MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2)
+
+
 @pytest.mark.parametrize(
-    ("config", "recipe", "hf_config"),
+    ("config", "recipe", "hf_config", "extra"),
     [
-        ("qwen2_5/0.5B_lora", "lora_finetune_single_device", "Qwen2Config"),
-        ("gemma2/2B_full", "full_finetune_single_device", "Gemma2Config"),
-        ("qwen2_5/0.5B_dpo_lora", "lora_dpo_single_device", "Qwen2Config"),
-        ("llama3_2/1B_dpo_full", "full_dpo_distributed", "LlamaConfig"),
+        ("qwen2_5/0.5B_lora", "lora_finetune_single_device", "Qwen2Config", {}),
+        ("gemma2/2B_full", "full_finetune_single_device", "Gemma2Config", {}),
+        ("qwen2_5/0.5B_dpo_lora", "lora_dpo_single_device", "Qwen2Config", {}),
+        ("llama3_2/1B_dpo_full", "full_dpo_distributed", "LlamaConfig", {}),
+        ("qwen3_moe/30B_A3B_lora", "lora_finetune_single_device", "Qwen3MoeConfig", QWEN3_MOE),
+        ("qwen3_moe/30B_A3B_dpo_lora", "lora_dpo_single_device", "Qwen3MoeConfig", QWEN3_MOE),
+        ("mixtral/8x7B_instruct_lora", "lora_finetune_distributed", "MixtralConfig", MIXTRAL),
+        ("qwen2_moe/A2.7B_full", "full_finetune_distributed", "Qwen2MoeConfig", QWEN2_MOE),
     ],
 )
-def test_shipped_config_trains_a_tiny_model_of_its_family(tmp_path, config, recipe, hf_config):
+def test_shipped_config_trains_a_tiny_model_of_its_family(
+    tmp_path, config, recipe, hf_config, extra
+):
     transformers = pytest.importorskip("transformers")
     checkpoint = tmp_path / "model"
     checkpoint.mkdir()
     write_tokenizer(checkpoint)
     vocab = len(json.loads((checkpoint / "tokenizer.json").read_text())["model"]["vocab"]) + 3
     torch.manual_seed(0)
-    model_config = getattr(transformers, hf_config)(vocab_size=vocab, **SHAPE)
+    model_config = getattr(transformers, hf_config)(vocab_size=vocab, **SHAPE, **extra)
     transformers.AutoModelForCausalLM.from_config(model_config).save_pretrained(checkpoint)
     data = tmp_path / "data.jsonl"
     words = ["red", "blue", "cat", "dog", "sun", "moon"] * 4

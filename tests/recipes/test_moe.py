@@ -1,0 +1,82 @@
+"""Mixture-of-experts models through the real ``tune run``: the router's load-balancing loss
+trains and is logged, two processes (experts sharded by FSDP2) equal one, resume is exact
+across process counts, and the saved folder loads in transformers with the same logits."""
+
+import shutil
+
+import pytest
+import torch
+
+from attune import models
+from attune.peft import load_adapter
+from tests.recipes.conftest import losses, records, small_moe, train, write_config
+
+TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
+
+
+def close(a, b, tolerance=1e-5):
+    return len(a) == len(b) and all(abs(x - y) < tolerance for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "base"),
+    [("full_finetune_distributed", "tiny/full"), ("lora_finetune_distributed", "tiny/lora")],
+)
+def test_two_processes_equal_one_and_resume_on_the_other(tmp_path, recipe, base):
+    checkpoint = small_moe(tmp_path / "model", decoder_sparse_step=1, mlp_only_layers=[1])
+    # micro-batches of one row on either count: the router's loss is computed per forward
+    # pass (as transformers computes it), so each rank must see the rows one process sees
+    overrides = {
+        "max_steps": 4,
+        "batch_size": 1,
+        "checkpointer.save_every_n_steps": 2,
+        "checkpointer.keep_last_n": None,
+    }
+    configs, runs = {}, {}
+    for processes in (1, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        configs[processes] = write_config(
+            folder, checkpoint, base, gradient_accumulation_steps=4 // processes,
+            **overrides,
+        )  # fmt: skip
+        launcher = ("--nproc_per_node", str(processes)) if processes > 1 else ()
+        train(recipe, configs[processes], launcher=launcher)
+        runs[processes] = folder / "run"
+    one, two = losses(runs[1]), losses(runs[2])
+    assert close(one, two), (one, two)
+    logged = records(runs[2])[0]
+    assert logged["router_aux_loss"] > 0.9  # ~1.0 when balanced, > 1 when not
+    assert "moe/layer_0/max_load" in logged and "moe/layer_1/max_load" not in logged
+
+    saved = runs[2] / "checkpoints" / "step_4"
+    transformers = pytest.importorskip("transformers")
+    if base == "tiny/full":
+        reference = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+        model = models.from_pretrained(saved)
+    else:  # the experts' adapters too, loaded by peft on transformers' model
+        peft = pytest.importorskip("peft")
+        base_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        reference = peft.PeftModel.from_pretrained(base_model, saved).eval()
+        model = models.from_pretrained(checkpoint)
+        load_adapter(model, saved)
+        assert any("experts" in name for name, _ in model.named_parameters() if "lora" in name)
+    with torch.no_grad():
+        expected = model.eval()(TOKENS)
+        assert (reference(TOKENS).logits - expected).abs().max().item() < 1e-4
+
+    straight = losses(runs[2])
+    shutil.rmtree(saved)
+    train(recipe, configs[2], "resume_from_checkpoint=true",
+          "gradient_accumulation_steps=4")  # fmt: skip
+    assert close(losses(runs[2]), straight), (losses(runs[2]), straight)
+
+
+@pytest.mark.parametrize("config_class", ["Qwen2MoeConfig", "MixtralConfig"])
+def test_sft_trains_each_moe_family(tmp_path, config_class):
+    checkpoint = small_moe(tmp_path / "model", config_class)
+    config = write_config(tmp_path, checkpoint, "tiny/full", max_steps=3)
+    train("full_finetune_single_device", config)
+    history = losses(tmp_path / "run")
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(history)))
+    assert all("router_aux_loss" in r for r in records(tmp_path / "run") if "loss" in r)
