@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attune import config
 from attune.errors import ConfigError
-from attune.evaluation.tasks import local_task_folder
+from attune.evaluation.tasks import LOCAL_TASKS, local_task_folder
 from attune.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -64,15 +64,20 @@ def require_lm_eval(what: str) -> None:
 
 
 def task_manager(
-    include_path: str | None, local_tasks_dir: str | Path, key: str = "include_path"
+    include_path: str | None,
+    local_tasks_dir: str | Path,
+    key: str = "include_path",
+    names: Sequence[str] | None = None,
 ) -> TaskManager:
     """lm-eval's ``TaskManager`` over its own tasks, the shipped local tasks (written into
-    ``local_tasks_dir``) and ``include_path``.
+    ``local_tasks_dir``) and ``include_path``; lm-eval's own are left out when ``names`` asks
+    for shipped tasks only (indexing its thousands of YAMLs takes seconds).
 
     Args:
         include_path: a folder of the user's own task YAMLs, or None.
         local_tasks_dir: where the shipped tasks are written for lm-eval to find.
         key: the config key of ``include_path``, for the message.
+        names: the tasks that will be asked for, when known.
 
     Raises:
         ConfigError: ``include_path`` is not a folder.
@@ -84,7 +89,8 @@ def task_manager(
         if not Path(include_path).is_dir():
             raise ConfigError(f"{key}: {include_path} is not a folder of task YAMLs")
         paths.append(str(include_path))
-    return TaskManager(include_path=paths)
+    shipped_only = names is not None and not include_path and set(names) <= set(LOCAL_TASKS)
+    return TaskManager(include_path=paths, include_defaults=not shipped_only)
 
 
 def task_names(names: Sequence[Any] | None, key: str = "tasks") -> list[str]:

@@ -26,51 +26,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from attune import config, training
+from attune import config, evaluation, training
 from attune.errors import ConfigError
-from attune.suggest import did_you_mean
 
 SCHEMA = {
     **training.MODEL_KEYS,
+    **evaluation.HARNESS_KEYS,
     "output_dir": str,
     "adapter": config.Field(str | None, required=False),
-    "tasks": list,
-    "include_path": config.Field(str | None, required=False),
-    "num_fewshot": config.Field(int | None, required=False, minimum=0),
-    # examples per task, or (below 1.0) that share of each task
-    "limit": config.Field(int | float | None, required=False, above=0),
-    "batch_size": config.Field(int, required=False, minimum=1),
-    "apply_chat_template": config.Field(bool, required=False),
-    "fewshot_as_multiturn": config.Field(bool, required=False),
-    "system_instruction": config.Field(str | None, required=False),
     "log_samples": config.Field(bool, required=False),
-    "gen_kwargs": config.Field(dict | None, required=False),
 }
-
-
-def task_manager(include_path, local_tasks_dir, names):
-    """lm-eval's ``TaskManager`` over its own tasks, the shipped local tasks and
-    ``include_path`` (lm-eval's own left out when only shipped tasks are asked for: indexing
-    its thousands of YAMLs takes seconds)."""
-    from lm_eval.tasks import TaskManager
-
-    from attune.evaluation import LOCAL_TASKS, local_task_folder
-
-    paths = [str(local_task_folder(local_tasks_dir))]
-    if include_path:
-        if not Path(include_path).is_dir():
-            raise ConfigError(f"include_path: {include_path} is not a folder of task YAMLs")
-        paths.append(str(include_path))
-    shipped_only = not include_path and set(names) <= set(LOCAL_TASKS)
-    return TaskManager(include_path=paths, include_defaults=not shipped_only)
-
-
-def check_tasks(names, manager):
-    """Each name is a task or group lm-eval knows (else the closest one)."""
-    known = manager.all_tasks
-    for name in names:
-        if name not in known:
-            raise ConfigError(f"tasks: unknown lm-eval task '{name}'{did_you_mean(name, known)}")
 
 
 @config.parse(SCHEMA)
@@ -89,8 +54,10 @@ def recipe_main(cfg):
     if not names:
         raise ConfigError("tasks: name at least one lm-eval task")
     output_dir = Path(cfg.output_dir)
-    manager = task_manager(cfg.get("include_path"), output_dir / "local_tasks", names)
-    check_tasks(names, manager)
+    manager = evaluation.task_manager(
+        cfg.get("include_path"), output_dir / "local_tasks", names=names
+    )
+    evaluation.check_tasks(names, manager)
     tasks = load_tasks(manager, names)  # their datasets too, before any model is built
 
     with training.start_run(cfg) as run:
