@@ -75,6 +75,16 @@ def all_ranks_sums(values: Sequence[int | float]) -> list:
     return all_ranks_sum(totals).tolist()
 
 
+def every_rank(value: Any) -> list[Any]:
+    """``value`` from every process, in rank order (``[value]`` on one process): plain data
+    this run made itself (lists of numbers and token ids), a collective every process calls."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any process (a collective: every process must ask)."""
     if not is_distributed():

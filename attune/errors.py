@@ -95,3 +95,8 @@ def _close_progress_bars() -> None:
 
 class CheckpointError(AttuneError):
     """A checkpoint folder or file that cannot be read: missing, corrupt, or not matching."""
+
+
+class RewardError(AttuneError):
+    """A reward function that fails on the completions it is given: it raised, or returned
+    something other than one number per completion."""

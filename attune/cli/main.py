@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from attune import __version__
-from attune.cli import cat, cp, download, ls, validate
+from attune.cli import cat, cp, download, ls, plot, validate
 from attune.cli.run import USAGE as RUN_USAGE
 from attune.cli.run import run_command
 from attune.errors import DEBUG_ENV, AttuneError, exit_on_user_error
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `tune run` passes its arguments to torchrun's own parser; listed here for the help text.
     subparsers.add_parser("run", help="run a recipe", description=RUN_USAGE, add_help=False)
     download.add_parser(subparsers)
+    plot.add_parser(subparsers)
     return parser
 
 

@@ -90,13 +90,15 @@ def prompt_collate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Prompts stay lists of token ids (the rollout pads them on the left itself).
 
     Returns:
-        ``prompts``, each row's token ids; ``texts``, each prompt's last message; and
-        ``columns``, each row's other columns.
+        ``prompts``, each row's token ids; ``texts``, each prompt's last message;
+        ``columns``, each row's other columns; and ``indices``, each row's place in the
+        dataset (what seeds its completions' sampling in GRPO).
     """
     return {
         "prompts": [list(row["tokens"]) for row in rows],
         "texts": [row["prompt"] for row in rows],
         "columns": [row["columns"] for row in rows],
+        "indices": [row.get("index", -1) for row in rows],
     }
 
 
@@ -110,7 +112,7 @@ class PromptDataset(Dataset):
             end, where the reply starts, as TRL truncates prompts); ``drop`` drops it.
         source: the dataset's name, for messages.
 
-    ``dataset[i]`` is ``{"tokens": [...], "prompt": str, "columns": {...}}``.
+    ``dataset[i]`` is ``{"tokens": [...], "prompt": str, "columns": {...}, "index": i}``.
     """
 
     def __init__(
@@ -149,7 +151,12 @@ class PromptDataset(Dataset):
         tokens = row["tokens"]
         if self.max_seq_len is not None:
             tokens = tokens[-self.max_seq_len :]
-        return {"tokens": tokens, "prompt": row["prompt"], "columns": json.loads(row["columns"])}
+        return {
+            "tokens": tokens,
+            "prompt": row["prompt"],
+            "columns": json.loads(row["columns"]),
+            "index": index,
+        }
 
     def sampler(
         self, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True

@@ -15,7 +15,7 @@ def sample_next(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from ``[batch, vocab]`` logits.
 
@@ -24,7 +24,9 @@ def sample_next(
         temperature: 0 for greedy (argmax); otherwise logits are divided by it.
         top_k: keep only the ``top_k`` most likely tokens.
         top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
-        generator: random source, for reproducible sampling.
+        generator: random source, for reproducible sampling; or one per row, so that a row
+            samples alike whatever batch it is decoded in (RL's groups on any number of
+            processes).
 
     Returns:
         ``[batch]`` token ids.
@@ -42,7 +44,15 @@ def sample_next(
         drop = probabilities.cumsum(dim=-1) - probabilities >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probabilities = logits.softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+    return torch.cat(
+        [
+            torch.multinomial(row[None], 1, generator=row_generator)[0]
+            for row, row_generator in zip(probabilities, generator, strict=True)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -56,7 +66,7 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     all_ranks: bool = False,
     stopped: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:

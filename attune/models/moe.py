@@ -9,15 +9,22 @@ matrix product over the sorted rows (``torch._grouped_mm``, offsets marking each
 rows) — no Python loop over experts. Where the backend has no grouped product, the rows are
 laid out ``[experts, capacity, in]`` (capacity = the busiest expert's row count) and multiplied
 with one ``bmm``: more arithmetic, the same result.
+
+Under expert parallelism (:class:`ExpertParallel`) each process of an expert group runs
+``experts / group size`` whole experts and only those: every process sends each of its sorted
+rows to the process running its expert (one all-to-all), runs what it receives with the same
+grouped product, and sends the results back (the reverse all-to-all), where they are weighted
+and summed as on one process.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -133,6 +140,108 @@ class TopKRouter(nn.Module):
         return logits, weights, indices
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class ExpertParallel:
+    """Experts split over the processes of ``group`` (expert parallelism): its ``j``-th process
+    runs experts ``j * local .. (j + 1) * local - 1`` (``local = experts / group size``) on the
+    rows every process of the group routes to them.
+
+    Each ``[experts, ...]`` parameter is a DTensor sharded on its first dimension over all the
+    processes. When ``group`` has them all, a process's shard is its experts; when ``group``
+    has a share of them, each of its processes stands for the ``replica_group`` of processes
+    whose shards together make its experts, gathered for the forward pass (their gradients
+    summed back into the shards: FSDP over the replicas, expert parallelism across them).
+
+    Args:
+        group: the processes the experts are split over.
+        replica_group: the processes whose shards make up this one's experts (None: it alone).
+        gradient_scale: what each expert gradient is multiplied by. The experts' gradients sum
+            the contributions of every process's tokens (the all-to-all's backward brings them
+            home), where data parallelism averages each process's own: with a loss already
+            scaled for that average, ``1 / processes`` (all of them) makes the two agree.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        replica_group: dist.ProcessGroup | None = None,
+        gradient_scale: float = 1.0,
+    ):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.replica_group = replica_group
+        self.gradient_scale = gradient_scale
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's experts of an ``[experts, ...]`` parameter (its DTensor's local
+        shard, or its replica group's shards gathered), with the gradient scaled by
+        :attr:`gradient_scale`."""
+        from torch.distributed import _functional_collectives as collectives
+
+        shard = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if self.replica_group is not None and dist.get_world_size(self.replica_group) > 1:
+            gather = (
+                collectives.all_gather_tensor_autograd
+                if shard.requires_grad
+                else collectives.all_gather_tensor
+            )
+            shard = gather(shard.contiguous(), 0, self.replica_group)
+        if not shard.requires_grad:
+            return shard
+        return _ScaledGradient.apply(shard, self.gradient_scale)
+
+    @torch.compiler.disable
+    def run(
+        self,
+        mlp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """The experts' outputs for this process's rows, computed where the experts are.
+
+        Args:
+            mlp: ``(rows, counts)`` -> outputs, run on this process's experts (rows sorted by
+                local expert, ``counts`` per local expert).
+            rows: ``[rows, hidden]``, sorted by expert (over all experts).
+            counts: ``[experts]`` int, this process's rows per expert.
+
+        Returns:
+            ``[rows, hidden]``: each row's output, in the order of ``rows``.
+        """
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        processes = self.size
+        local = counts.numel() // processes
+        # what every process sends each of this one's experts: [source, local expert]
+        received_counts = torch.empty_like(counts)
+        dist.all_to_all_single(received_counts, counts.detach(), group=self.group)
+        received_counts = received_counts.view(processes, local)
+        sent = counts.view(processes, local).sum(dim=1).tolist()
+        received = received_counts.sum(dim=1).tolist()
+        arrived = all_to_all_single_autograd(rows, received, sent, self.group)
+        # the rows arrive by (source, expert): sort them by expert, stably (source by source)
+        expert_of_row = torch.arange(local, device=rows.device).repeat(processes)
+        expert_of_row = expert_of_row.repeat_interleave(received_counts.reshape(-1))
+        order = expert_of_row.argsort(stable=True)
+        out = mlp(arrived[order], received_counts.sum(dim=0))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        # (a functional collective's result waits for its data on first use)
+        return all_to_all_single_autograd(out[inverse].contiguous(), sent, received, self.group)
+
+
 class GroupedExperts(nn.Module):
     """The experts' gated MLPs, one ``[experts, ...]`` tensor per projection.
 
@@ -155,6 +264,8 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inner))
         self.activation = ACTIVATIONS[config.activation]
+        # set by attune.training.sharding.shard_model under expert parallelism
+        self.expert_parallel: ExpertParallel | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,10 +274,20 @@ class GroupedExperts(nn.Module):
             bound = 1 / math.sqrt(weight.shape[-1])
             nn.init.uniform_(weight, -bound, bound)
 
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The experts of an ``[experts, ...]`` parameter this process runs: all of them, or
+        under expert parallelism its own (see :meth:`ExpertParallel.local`)."""
+        return tensor if self.expert_parallel is None else self.expert_parallel.local(tensor)
+
     def project(self, name: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One projection (``gate_up_proj`` or ``down_proj``) of expert-sorted rows; LoRA
         overrides it to add its update."""
-        return grouped_linear(rows, getattr(self, name), counts)
+        return grouped_linear(rows, self.local(getattr(self, name)), counts)
+
+    def mlp(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's gated MLP over its rows (sorted by expert, ``counts`` per expert)."""
+        gate, up = self.project("gate_up_proj", rows, counts).chunk(2, dim=-1)
+        return self.project("down_proj", self.activation(gate) * up, counts)
 
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
@@ -187,8 +308,10 @@ class GroupedExperts(nn.Module):
         # a scatter-add rather than bincount, which waits on the GPU to size its output
         counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         rows = x[token_of_row]
-        gate, up = self.project("gate_up_proj", rows, counts).chunk(2, dim=-1)
-        out = self.project("down_proj", self.activation(gate) * up, counts)
+        if self.expert_parallel is None:
+            out = self.mlp(rows, counts)
+        else:  # the rows go to the processes holding their experts, and come back
+            out = self.expert_parallel.run(self.mlp, rows, counts)
         out = out * weights.reshape(-1)[order, None]
         # back to (token, slot) order and summed per token: deterministic, unlike an
         # index_add_ of the sorted rows (atomic adds on GPUs)

@@ -290,10 +290,11 @@ class LoRAGroupedExperts(GroupedExperts):
         return weight + self.delta_weight(name).to(weight.dtype)
 
     def project(self, name: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        out = grouped_linear(rows, getattr(self, name), counts)
+        out = grouped_linear(rows, self.local(getattr(self, name)), counts)
         if not self.adapter_enabled or name not in self.lora_A:
             return out
-        a, b = self.lora_A[name], self.lora_B[name]
+        # this process's experts' adapters (all of them but under expert parallelism)
+        a, b = self.local(self.lora_A[name]), self.local(self.lora_B[name])
         # grouped products need 16-byte strides: zero ranks padded on (rank 8 covers float32,
         # bfloat16 and float16) add nothing to the update
         pad = -self.rank % 8

@@ -42,7 +42,7 @@ def recipe_main(cfg, run):
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
     loss_fn = config.instantiate(cfg.get("loss")) or training.ChunkedCrossEntropy()
     validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
-    eval_every = cfg.get("eval_every_n_steps")
+    held_out = training.HeldOutLoss(cfg, model, validation, loss_fn, pad_id, run)
     loop = training.training_loop(cfg, run, setup, stream)
     answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
     if not loop.resumed:
@@ -53,22 +53,8 @@ def recipe_main(cfg, run):
         if scheme is not None:
             quantization.set_fake_quantization(model, loop.step > fake_quant_from)
         result = training.backward_step(model, micro_batches, loss_fn, run.device, run.precision)
-        training.check_finite(result.loss, loop.step, loop.last_saved)
-        grad_norm = loop.optimizer_step(cfg.get("clip_grad_norm"))
-        loop.count(result.input_tokens)
-        loop.log(
-            {
-                "loss": result.loss,
-                "trained_tokens": result.trained_tokens,
-                "grad_norm": grad_norm,
-                **result.extras,  # a mixture of experts' router loss
-            }
-        )
-        if validation is not None and eval_every and loop.step % eval_every == 0:
-            val_loss = training.held_out_loss(
-                model, validation, loss_fn, cfg.batch_size, pad_id, run
-            )
-            loop.log_now({"val_loss": val_loss})
+        # the update, the step's metrics (with a mixture of experts' router loss), val_loss
+        training.update_and_log(loop, result, cfg.get("clip_grad_norm"), held_out)
         harness.at_step(loop, model, tokenizer)
         loop.end_step()
     loop.finish()

@@ -176,8 +176,6 @@ def recipe_main(cfg, run):
         total = dict(zip(local, all_ranks_sums(
             [float(value) for value in local.values()]), strict=True))  # fmt: skip
         rollouts = total["rollouts"]
-        mean_score = total["score"] / rollouts
-        score_variance = (total["score_squares"] - rollouts * mean_score**2) / max(rollouts - 1, 1)
         per_response_kl = total["kl"] / rollouts
         kl_control.update(per_response_kl, int(rollouts))
         loop.recipe_state = kl_control.state_dict()
@@ -185,8 +183,7 @@ def recipe_main(cfg, run):
         loop.log(
             {
                 **update_means,
-                "reward": mean_score,
-                "reward_std": max(score_variance, 0.0) ** 0.5,
+                **training.mean_and_std("reward", total["score"], total["score_squares"], rollouts),
                 "kl": per_response_kl,
                 "kl_vocab": total["kl_vocab"] / rollouts,
                 "kl_coef": kl_control.value,

@@ -85,6 +85,18 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("ppo_full_finetune_distributed", "ppo.py", ("tiny/ppo", "tiny/ppo_reward_model")),
     Recipe("ppo_lora_finetune_distributed", "ppo.py", ("tiny/ppo_lora",)),
     Recipe(
+        "grpo_full_finetune_single_device",
+        "grpo.py",
+        ("tiny/grpo", "qwen2_5/0.5B_grpo", "qwen2_5/1.5B_grpo", "qwen3/0.6B_grpo"),
+    ),
+    Recipe("grpo_lora_finetune_single_device", "grpo.py", ("tiny/grpo_lora",)),
+    Recipe(
+        "grpo_full_finetune_distributed",
+        "grpo.py",
+        ("tiny/grpo", "qwen2_5/0.5B_grpo", "qwen2_5/1.5B_grpo", "qwen3/0.6B_grpo"),
+    ),
+    Recipe("grpo_lora_finetune_distributed", "grpo.py", ("tiny/grpo_lora",)),
+    Recipe(
         "knowledge_distillation_single_device",
         "knowledge_distillation.py",
         ("tiny/kd", "tiny/kd_lora", "qwen2_5/1.5B_to_0.5B_kd"),

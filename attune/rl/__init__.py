@@ -1,7 +1,22 @@
 """Preference optimisation and RL pieces: preference losses, completion log-probabilities,
 the reference model (live or precomputed), reward-model training, rollouts with the KV cache,
-reward sources and PPO's losses."""
+reward sources and functions, PPO's losses and the GRPO family's."""
 
+from attune.rl.groups import (
+    Group,
+    GroupBatch,
+    batch_groups,
+    completion_seed,
+    sample_groups,
+    varied_count,
+)
+from attune.rl.grpo import (
+    LOSS_TYPES,
+    GRPOSettings,
+    group_advantages,
+    grpo_loss,
+    overlong_penalty,
+)
 from attune.rl.logprobs import PairLogprobs, pair_logprobs, sequence_logprobs, token_logprobs
 from attune.rl.objective import STATISTICS, PreferenceObjective, mean_statistics
 from attune.rl.ppo import (
@@ -33,6 +48,7 @@ from attune.rl.reference import (
     reference_fingerprint,
     reference_scorer,
 )
+from attune.rl.reward_functions import format_reward, math_answer_reward
 from attune.rl.reward_model import (
     PAIR_LOSS,
     BradleyTerryLoss,
@@ -40,7 +56,7 @@ from attune.rl.reward_model import (
     pair_rewards,
     sequence_end_positions,
 )
-from attune.rl.reward_sources import REWARD_SOURCE, FunctionReward, ModelReward
+from attune.rl.reward_sources import REWARD_SOURCE, FunctionReward, ModelReward, Rewards
 from attune.rl.rollout import (
     Rollout,
     RolloutScores,
@@ -48,12 +64,14 @@ from attune.rl.rollout import (
     response_hidden,
     response_kl,
     response_logprobs,
+    response_logprobs_and_entropy,
     response_values,
     score_rollout,
     sequence_end_scores,
 )
 
 __all__ = [
+    "LOSS_TYPES",
     "PAIR_LOSS",
     "PREFERENCE_LOSS",
     "PREFERENCE_LOSSES",
@@ -61,6 +79,9 @@ __all__ = [
     "STATISTICS",
     "BradleyTerryLoss",
     "FunctionReward",
+    "GRPOSettings",
+    "Group",
+    "GroupBatch",
     "IPOLoss",
     "KLController",
     "KLLimit",
@@ -73,19 +94,27 @@ __all__ = [
     "PreferenceObjective",
     "ReferenceLogprobs",
     "RewardObjective",
+    "Rewards",
     "RobustDPOLoss",
     "Rollout",
     "RolloutScores",
     "SigmoidDPOLoss",
     "SimPOLoss",
+    "batch_groups",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "completion_seed",
+    "format_reward",
     "gae",
     "generate_rollout",
+    "group_advantages",
+    "grpo_loss",
     "kl_penalty",
     "masked_mean",
+    "math_answer_reward",
     "mean_statistics",
     "minibatch_rows",
+    "overlong_penalty",
     "pair_logprobs",
     "pair_rewards",
     "reference_fingerprint",
@@ -93,12 +122,15 @@ __all__ = [
     "response_hidden",
     "response_kl",
     "response_logprobs",
+    "response_logprobs_and_entropy",
     "response_values",
+    "sample_groups",
     "score_rollout",
     "sequence_end_positions",
     "sequence_end_scores",
     "sequence_logprobs",
     "token_logprobs",
     "token_rewards",
+    "varied_count",
     "whiten",
 ]

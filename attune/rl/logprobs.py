@@ -61,6 +61,37 @@ def token_logprobs(
     return _by_chunks(_chunk_logprobs, (hidden, targets), (output,), chunk_size)
 
 
+def _chunk_logprobs_entropy(
+    hidden: torch.Tensor, targets: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    log_p = output(hidden).float().log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(-1)
+    return torch.stack([log_p.gather(-1, targets[:, None]).squeeze(-1), entropy], dim=-1)
+
+
+def token_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(target | hidden)`` (differentiable) and the next-token distribution's entropy
+    (no gradient) at selected positions, the head projected once.
+
+    Args:
+        hidden: ``[n, hidden]`` final hidden states of the positions that predict ``targets``.
+        targets: ``[n]`` token ids.
+        output: the model's output head (``[n, hidden]`` -> ``[n, vocab]``).
+        chunk_size: positions projected at once.
+
+    Returns:
+        ``([n] log-probabilities, [n] entropies)``, fp32.
+    """
+    both = _by_chunks(_chunk_logprobs_entropy, (hidden, targets), (output,), chunk_size)
+    return both[:, 0], both[:, 1].detach()
+
+
 def _chunk_kl(
     hidden: torch.Tensor,
     reference_hidden: torch.Tensor,

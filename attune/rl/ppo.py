@@ -21,7 +21,7 @@ import torch
 from attune.distributed import all_ranks_sum
 from attune.errors import ConfigError
 
-KLEstimator = Literal["k1", "k3"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 @dataclass
@@ -39,8 +39,8 @@ class PPOSettings:
         lam: GAE's lambda.
         whiten_advantages: normalise advantages over the batch's response tokens.
         kl_coef: the per-token KL penalty's coefficient (the starting one, with ``kl_target``).
-        kl_estimator: ``k1`` (``log p - log p_ref``) or ``k3`` (``r - 1 - log r``,
-            ``r = p_ref / p``; unbiased and never negative).
+        kl_estimator: ``k1`` (``log p - log p_ref``), ``k2`` (``(log p - log p_ref)^2 / 2``)
+            or ``k3`` (``r - 1 - log r``, ``r = p_ref / p``; unbiased and never negative).
         kl_target: adapt ``kl_coef`` so each response's KL to the reference stays near this
             (Ziegler et al., 2019); None keeps ``kl_coef`` fixed.
         kl_horizon: the adaptive controller's horizon, in rollouts.
@@ -76,7 +76,7 @@ class PPOSettings:
             ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
             ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
             ("kl_coef", self.kl_coef >= 0, ">= 0"),
-            ("kl_estimator", self.kl_estimator in ("k1", "k3"), "k1 or k3"),
+            ("kl_estimator", self.kl_estimator in ("k1", "k2", "k3"), "k1, k2 or k3"),
             ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null"),
             ("kl_horizon", self.kl_horizon >= 1, "a positive integer"),
             ("kl_limit", self.kl_limit is None or self.kl_limit > 0, "> 0 or null"),
@@ -140,14 +140,16 @@ def kl_penalty(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
 ) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities:
-    ``k1 = log p - log p_ref``; ``k3 = (r - 1) - log r`` with ``r = p_ref / p`` (Schulman,
-    "Approximating KL divergence")."""
+    ``k1 = log p - log p_ref``; ``k2 = (log p - log p_ref)^2 / 2``; ``k3 = (r - 1) - log r``
+    with ``r = p_ref / p`` (Schulman, "Approximating KL divergence")."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2 or k3)")
 
 
 def token_rewards(

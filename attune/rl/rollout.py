@@ -15,7 +15,12 @@ import torch
 
 from attune.models import TransformerDecoder, generate
 from attune.precision import Precision, entered
-from attune.rl.logprobs import token_kl, token_logprobs, token_statistics
+from attune.rl.logprobs import (
+    token_kl,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    token_statistics,
+)
 
 
 @dataclass
@@ -107,7 +112,7 @@ def generate_rollout(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     all_ranks: bool = False,
 ) -> Rollout:
     """Continue every prompt with ``model`` (in eval mode, no gradients, one KV cache that is
@@ -170,6 +175,29 @@ def response_logprobs(
     return logprobs.masked_scatter(
         mask, token_logprobs(hidden[mask], rollout.responses[mask], model.output, chunk_size)
     )
+
+
+def response_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    rollout: Rollout,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response token's log-probability (differentiable) and the policy's entropy where
+    it was sampled (no gradient), each ``[batch, response_len]`` fp32, 0 past a response's end.
+
+    Args:
+        hidden: the policy's :func:`response_hidden`.
+        rollout: the rollout they score.
+        output: the policy's output head.
+        chunk_size: positions projected at once.
+    """
+    mask = rollout.response_mask
+    logprobs, entropy = token_logprobs_and_entropy(
+        hidden[mask], rollout.responses[mask], output, chunk_size
+    )
+    empty = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    return empty.masked_scatter(mask, logprobs), empty.masked_scatter(mask, entropy)
 
 
 @dataclass(frozen=True)

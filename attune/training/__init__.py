@@ -13,7 +13,7 @@ from attune.training.checkpointer import Checkpointer
 from attune.training.data import BatchStream, eval_batches
 from attune.training.distillation import KD_LOSS, DistillationLoss, DistillationTerms
 from attune.training.divergence import TrainingError, check_finite
-from attune.training.evaluate import evaluate, evaluated_sums, held_out_loss
+from attune.training.evaluate import HeldOutLoss, evaluate, evaluated_sums, held_out_loss
 from attune.training.frozen import FrozenModels
 from attune.training.interrupt import StopSignals
 from attune.training.keys import (
@@ -25,13 +25,8 @@ from attune.training.keys import (
 )
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import SFT_LOSS, ChunkedCrossEntropy, token_count
-from attune.training.metrics import (
-    METRIC_LOGGER,
-    MetricsWriter,
-    TensorBoardLogger,
-    WandbLogger,
-    append_metrics,
-)
+from attune.training.metrics import MetricsWriter, append_metrics, mean_and_std
+from attune.training.on_policy import ON_POLICY_KEYS, OnPolicy, check_lmbda
 from attune.training.optim import (
     build_optimizer,
     constant_with_warmup,
@@ -64,15 +59,31 @@ from attune.training.setup import (
 )
 from attune.training.sharding import unsharded_root
 from attune.training.step import StepResult, accumulated_backward, backward_step, optimizer_step
-from attune.training.teacher import build_teacher, check_teacher_path, distillation_step
+from attune.training.teacher import (
+    TEACHER_KEYS,
+    build_teacher,
+    check_teacher_path,
+    distillation_step,
+)
+from attune.training.trackers import (
+    METRIC_LOGGER,
+    MLflowLogger,
+    TensorBoardLogger,
+    Trackers,
+    TrackioLogger,
+    WandbLogger,
+)
+from attune.training.update import update_and_log
 
 __all__ = [
     "KD_LOSS",
     "METRIC_LOGGER",
     "MODEL_KEYS",
+    "ON_POLICY_KEYS",
     "QUANTIZED_FOLDER",
     "SAMPLING_KEYS",
     "SFT_LOSS",
+    "TEACHER_KEYS",
     "TRAINING_KEYS",
     "VALIDATION_KEYS",
     "AnswerCheck",
@@ -84,12 +95,17 @@ __all__ = [
     "DistillationLoss",
     "DistillationTerms",
     "FrozenModels",
+    "HeldOutLoss",
     "HeldOutPairs",
+    "MLflowLogger",
     "MetricsWriter",
+    "OnPolicy",
     "Run",
     "StepResult",
     "StopSignals",
     "TensorBoardLogger",
+    "Trackers",
+    "TrackioLogger",
     "TrainingError",
     "TrainingLoop",
     "TrainingSetup",
@@ -103,6 +119,7 @@ __all__ = [
     "build_optimizer",
     "build_teacher",
     "check_finite",
+    "check_lmbda",
     "check_teacher_path",
     "compile_layers",
     "constant_with_warmup",
@@ -115,6 +132,7 @@ __all__ = [
     "held_out_loss",
     "inference_model",
     "linear_with_warmup",
+    "mean_and_std",
     "optimizer_step",
     "pairwise_step",
     "peak_memory_gb",
@@ -138,5 +156,6 @@ __all__ = [
     "trainable_parameters",
     "training_loop",
     "unsharded_root",
+    "update_and_log",
     "weights_writer",
 ]

@@ -16,7 +16,10 @@ divided by ``temperature``; a sum over the vocabulary at each trained position):
 As in TRL, the divergence is not multiplied by ``temperature ** 2``. The step's loss is
 ``(1 - kd_ratio) * CE + kd_ratio * KD``, both summed over the trained positions (label not
 -100, as SFT trains) so that gradient accumulation divides by the step's trained tokens; the
-cross-entropy uses the student's untempered logits over its whole vocabulary.
+cross-entropy uses the student's untempered logits over its whole vocabulary. In on-policy
+distillation (:mod:`attune.training.on_policy`) the completions the student generated have no
+reference answer: their positions add to KD only (0 to CE), so that the loss stays the same
+mixture of the two sums.
 
 Memory: the student's and the teacher's final hidden states (``[batch, seq, hidden]``, far
 smaller than logits) are kept; the trained positions go through both output heads a chunk at a
@@ -122,7 +125,9 @@ class DistillationLoss:
     Call it with the student's final hidden states ``[batch, seq, hidden]``, the labels
     ``[batch, seq]`` (aligned with the tokens; -100 is not trained), the student's output head,
     the teacher's final hidden states ``[batch, seq, teacher_hidden]`` (no graph) and the
-    teacher's output head.
+    teacher's output head; and, for on-policy distillation, ``generated`` (``[batch]`` bool):
+    the rows whose completion the student generated, whose tokens count in the divergence
+    only (they have no reference answer to take the cross-entropy of).
     """
 
     def __init__(
@@ -169,7 +174,7 @@ class DistillationLoss:
         logits = output(hidden).float()
         with torch.no_grad():
             teacher_logits = teacher_output(teacher_hidden).float()
-        ce = F.cross_entropy(logits, targets, reduction="sum")
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         kd = divergence(logits, teacher_logits, self.kind, self.beta, self.temperature).sum()
         return torch.stack([ce, kd])
 
@@ -180,11 +185,15 @@ class DistillationLoss:
         output: Callable[[torch.Tensor], torch.Tensor],
         teacher_hidden: torch.Tensor,
         teacher_output: Callable[[torch.Tensor], torch.Tensor],
+        generated: torch.Tensor | None = None,
     ) -> DistillationTerms:
         targets = labels[:, 1:]
         trained = targets != IGNORE_INDEX
         selected = hidden[:, :-1][trained]  # [n, hidden]
         teacher_selected = teacher_hidden[:, :-1][trained].detach()  # [n, teacher_hidden]
+        if generated is not None:  # no cross-entropy on the student's own completions
+            own = generated.to(device=targets.device, dtype=torch.bool)[:, None]
+            targets = targets.masked_fill(own, IGNORE_INDEX)  # (cross_entropy ignores -100)
         targets = targets[trained]
         sums = hidden.new_zeros(2, dtype=torch.float32)
         if selected.shape[0] == 0:

@@ -1,7 +1,7 @@
 """Measuring a model on held-out data as it trains, each rank scoring its share and the sums
 gathered over all ranks: any statistics summed over batches (:func:`evaluated_sums`), and the
-loss per trained token (:func:`held_out_loss`). Preference pairs' statistics are
-:class:`attune.training.pairwise.HeldOutPairs`'."""
+loss per trained token (:func:`held_out_loss`, and :class:`HeldOutLoss` every N steps).
+Preference pairs' statistics are :class:`attune.training.pairwise.HeldOutPairs`'."""
 
 from __future__ import annotations
 
@@ -87,3 +87,39 @@ def held_out_loss(
     """The mean loss per trained token of ``dataset`` (each rank scores its share)."""
     batches = eval_batches(dataset, batch_size, pad_id, run.world.rank, run.world.world_size)
     return evaluate(model, batches, loss_fn, run.device, run.precision)
+
+
+class HeldOutLoss:
+    """The ``validation_dataset``'s loss every ``eval_every_n_steps`` steps of a run.
+
+    Args:
+        cfg: the run's config (``eval_every_n_steps``, ``batch_size``).
+        model: the model being trained.
+        dataset: the validation dataset, or None (then the loss is never due).
+        loss_fn: the loss, as :func:`held_out_loss` takes it.
+        pad_id: the padding token.
+        run: the run.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: torch.nn.Module,
+        dataset: TokenizedDataset | None,
+        loss_fn: Any,
+        pad_id: int,
+        run: Run,
+    ):
+        self.every = cfg.get("eval_every_n_steps")
+        self.batch_size = cfg.batch_size
+        self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
+        self.pad_id, self.run = pad_id, run
+
+    def due(self, step: int) -> bool:
+        return self.dataset is not None and bool(self.every) and step % self.every == 0
+
+    def __call__(self) -> float:
+        assert self.dataset is not None, "due() says when there is a dataset"
+        return held_out_loss(
+            self.model, self.dataset, self.loss_fn, self.batch_size, self.pad_id, self.run
+        )

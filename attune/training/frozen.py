@@ -1,4 +1,5 @@
-"""The models an RL recipe reads but does not train, and where they live between uses."""
+"""The models a recipe reads but does not train (an RL reference and reward model, a
+distillation teacher), and where they live between uses."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from torch import nn
 from attune.peft import disabled_adapters
 from attune.training.run import Run
 from attune.training.sharding import unsharded_root
+
+
+@contextlib.contextmanager
+def brought_to(module: nn.Module | None, device: torch.device, offload: bool = True):
+    """With ``offload``, ``module`` on ``device`` for the block and back on the CPU after it
+    (also when the block raises), so that it holds no device memory between uses; without (or
+    for no module), nothing moves."""
+    if module is not None and offload:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if module is not None and offload:
+            module.to("cpu")
 
 
 class FrozenModels:
@@ -39,15 +54,8 @@ class FrozenModels:
         if self.reference_copy is not None and offload:
             self.reference_copy.to(home)
 
-    @contextlib.contextmanager
     def _on_device(self, module):
-        if module is not None and self.offload:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            if module is not None and self.offload:
-                module.to("cpu")
+        return brought_to(module, self.device, self.offload)
 
     @contextlib.contextmanager
     def reference(self, policy):

@@ -37,12 +37,14 @@ TRAINING_KEYS = {
     "enable_activation_checkpointing": config.Field(bool, required=False),
     "num_workers": config.Field(int, required=False, minimum=0),
     "cpu_offload": config.Field(bool, required=False),
+    "expert_parallel_degree": config.Field(int, required=False, minimum=1),
     "lora": config.Component(required=False),
     "dataset": config.Component(provided=("tokenizer",)),
     "optimizer": config.Component(provided=("params",), expects=OPTIMIZER),
     "lr_scheduler": config.Component(required=False, provided=("optimizer", "num_training_steps")),
     "checkpointer": config.Component(provided=("output_dir",)),
     "metric_logger": config.Component(required=False, expects=METRIC_LOGGER),
+    "metric_loggers": config.Component(required=False, expects=METRIC_LOGGER),
     "answer_check": config.Component(required=False),
 }
 """The top-level keys every training recipe reads (its schema adds its own)."""

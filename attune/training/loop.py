@@ -21,7 +21,7 @@ a checkpoint is taken is in the recipe's text; a step without it is a mistake th
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from attune.errors import CheckpointError, RunStopped
 from attune.models import TransformerDecoder
 from attune.models.moe import expert_load
 from attune.peft import LoraSettings
+from attune.training import plots
 from attune.training.checkpoint_state import restore_checkpoint, save_checkpoint
 from attune.training.checkpointer import STATE_DIR, STATE_FILE, Checkpointer, newest_up_to
 from attune.training.data import BatchStream
@@ -40,6 +41,10 @@ from attune.training.metrics import MetricLogger, MetricsWriter, append_metrics
 from attune.training.run import Run
 from attune.training.runtime import peak_memory_gb, state_memory_gb
 from attune.training.step import optimizer_step
+from attune.training.trackers import Trackers
+
+CURVES_EVERY_S = 30.0
+"""At a checkpoint, ``curves.png`` is drawn again when its last drawing is this old."""
 
 
 def total_steps(stream: BatchStream, epochs: int, max_steps: int | None) -> int:
@@ -63,7 +68,11 @@ class TrainingLoop:
         total_steps: the steps of the whole run.
         epochs: the epochs of the whole run.
         log_every: write metrics every this many steps (and at the last step).
-        metric_logger: an extra metrics destination (TensorBoard, W&B), or None.
+        metric_logger: an extra metrics destination (TensorBoard, W&B...), or None.
+        metric_loggers: more of them: trackers, or ``(name, tracker)`` pairs (the name keys
+            its state in checkpoints). Opened when the loop starts, on rank 0, and closed
+            when the run ends, however it ends.
+        hyperparameters: the run's resolved config, which the trackers record.
         companions: models trained beside ``model`` by the same optimizer (PPO's value
             model), saved in each checkpoint as ``<name>/``.
 
@@ -73,6 +82,8 @@ class TrainingLoop:
         last_saved: the latest checkpoint folder, or None.
         recipe_state: the recipe's own state (plain values: a KL coefficient, say), saved in
             each checkpoint and restored by :meth:`resume`.
+        trackers: the experiment trackers the metrics also go to; their runs' ids are kept
+            in each checkpoint, so that a resume continues them.
     """
 
     def __init__(
@@ -91,6 +102,8 @@ class TrainingLoop:
         log_every: int = 1,
         metric_logger: MetricLogger | None = None,
         companions: Mapping[str, TransformerDecoder] | None = None,
+        metric_loggers: Sequence[MetricLogger | tuple[str, MetricLogger]] = (),
+        hyperparameters: Mapping[str, Any] | None = None,
     ):
         self.run = run
         self.companions = dict(companions or {})
@@ -106,6 +119,15 @@ class TrainingLoop:
         self.epochs = epochs
         self.log_every = log_every
         self.metric_logger = metric_logger
+        named = [("metric_logger", metric_logger)] if metric_logger is not None else []
+        for index, item in enumerate(metric_loggers):
+            named.append(item if isinstance(item, tuple) else (f"metric_loggers.{index}", item))
+        self.trackers = Trackers(named, hyperparameters, enabled=run.is_main)
+        run.at_exit(self.trackers.close)
+        self._trackers_resumed: dict[str, Any] | None = None
+        self._curves = run.is_main  # drawn until matplotlib is found missing
+        self._curves_at: float | None = None
+        self._curves_current = False
         self.step = 0
         self.tokens_seen = 0
         self.last_saved: str | None = None
@@ -116,6 +138,7 @@ class TrainingLoop:
         self.stopping = False
         self._record: dict[str, Any] = {}
         self._ended = True
+        self._batches: Iterator[list[dict[str, torch.Tensor]]] = iter(())
         self._window_tokens = 0
         self._window_start = self._loop_start = time.perf_counter()
 
@@ -133,6 +156,7 @@ class TrainingLoop:
                 self.scheduler.load_state_dict(state["lr_scheduler"])
             self.stream.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self._trackers_resumed = dict(state.get("trackers") or {})
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise CheckpointError(
                 f"cannot resume from {folder}: its {STATE_DIR}/{STATE_FILE} is not the state "
@@ -153,6 +177,7 @@ class TrainingLoop:
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "recipe": self.recipe_state,
             "param_groups": len(self.optimizer.param_groups),
+            "trackers": self.trackers.state(),
         }
         folder = save_checkpoint(
             self.checkpointer,
@@ -165,7 +190,36 @@ class TrainingLoop:
             self.companions,
         )
         self.last_saved = str(folder)
+        self._draw_curves(checkpoint=True)
         return self.last_saved
+
+    def _draw_curves(self, checkpoint: bool = False) -> None:
+        """``curves.png`` from ``metrics.jsonl`` (main process): at the end, and at a
+        checkpoint when its last drawing is :data:`CURVES_EVERY_S` old. Without matplotlib,
+        one line says so; a drawing that fails is a warning, and the run goes on."""
+        if not self._curves or self._curves_current:
+            return
+        started = time.perf_counter()
+        if (
+            checkpoint
+            and self._curves_at is not None
+            and started - self._curves_at < CURVES_EVERY_S
+        ):
+            return
+        if not plots.available():
+            self._curves = False
+            self.run.print(
+                f"{plots.CURVES_FILE} not drawn: matplotlib is not installed ({plots.INSTALL})"
+            )
+            return
+        try:
+            plots.draw_run(self.run.output_dir)
+        except Exception as error:
+            self._curves = False
+            self.run.print(
+                f"warning: {plots.CURVES_FILE} not drawn: {type(error).__name__}: {error}"
+            )
+        self._curves_at, self._curves_current = time.perf_counter(), True
 
     # The loop ----------------------------------------------------------------------------
 
@@ -179,13 +233,15 @@ class TrainingLoop:
             resume_step=self.step if self.resumed else None,
             enabled=self.run.is_main,
         )
+        self.trackers.start(self._trackers_resumed if self.resumed else None)
         self._window_start = self._loop_start = time.perf_counter()
         self.model.train()
         for companion in self.companions.values():
             companion.train()
         with self.stop:
             while self.step < self.total_steps and self.stream.epoch < self.epochs:
-                for micro_batches in self.stream:
+                self._batches = iter(self.stream)
+                for micro_batches in self._batches:
                     self.step += 1
                     self._record = {}
                     self._ended = False
@@ -198,6 +254,12 @@ class TrainingLoop:
                     if self.step >= self.total_steps or self.stopping:
                         return
                 self.stream.set_epoch(self.stream.epoch + 1)
+
+    def more_batches(self) -> list[dict[str, torch.Tensor]] | None:
+        """Inside a step: the next step's worth of micro-batches drawn into this one (DAPO's
+        dynamic sampling refilling a batch), counted as consumed, so a resume starts after
+        them; None at the end of the epoch."""
+        return next(self._batches, None)
 
     def optimizer_step(self, max_grad_norm: float | None) -> float | None:
         """Clip (when ``max_grad_norm`` is set), step the optimizer and the schedule, clear the
@@ -265,9 +327,13 @@ class TrainingLoop:
 
     def log_after(self, fields: Mapping[str, Any]) -> None:
         """Metrics of the finished run (a final evaluation's), one more line of
-        ``metrics.jsonl`` under the last step."""
+        ``metrics.jsonl`` under the last step, also sent to the trackers and drawn in
+        ``curves.png``."""
         if self.run.is_main:
             append_metrics(self.run.output_dir, {"step": self.step, **fields})
+            self.trackers.log(fields, self.step)
+            self._curves_current = False
+            self._draw_curves()
 
     def end_step(self) -> None:
         """End the step: write its metrics, agree with the other ranks whether a stop signal
@@ -277,6 +343,8 @@ class TrainingLoop:
         assert self.metrics is not None, "end_step() is called inside the loop"
         if self._record:
             self.metrics.log({"step": self.step, **self._record})
+            self.trackers.log(self._record, self.step)
+            self._curves_current = False
         self.metrics.advance()
         self.stopping = self.run.world.any(self.stop.requested is not None)
         if self.checkpointer.due(self.step) or self.stopping:
@@ -293,6 +361,7 @@ class TrainingLoop:
         if self.metrics is not None:
             self.metrics.close()
         if self.stopping:
+            self._draw_curves()
             signal_name = self.stop.requested or "on another rank"
             self.run.print(
                 f"stopped by signal {signal_name} at step {self.step}; checkpoint "
@@ -302,5 +371,6 @@ class TrainingLoop:
         saved = self.last_saved
         if saved is None or not saved.endswith(f"step_{self.step}"):
             saved = self.save()
+        self._draw_curves()
         self.run.print(f"saved {saved}")
         return saved

@@ -1,5 +1,5 @@
-"""Where a run's numbers go: ``metrics.jsonl`` always, a progress bar, and optionally
-TensorBoard or Weights & Biases.
+"""Where a run's numbers go: ``metrics.jsonl`` always, and a progress bar. Trackers
+(TensorBoard, W&B, MLflow, Trackio) live in :mod:`attune.training.trackers`.
 
 Only the main process (rank 0) writes; :class:`MetricsWriter` does nothing elsewhere.
 """
@@ -11,81 +11,18 @@ import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
-from attune.config import Expects
-from attune.errors import ConfigError
+from attune.training.trackers import (  # noqa: F401 (their former home)
+    METRIC_LOGGER,
+    MetricLogger,
+    TensorBoardLogger,
+    WandbLogger,
+)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class MetricLogger(Protocol):
-    """An extra destination for metrics (the ``metric_logger`` config component)."""
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-METRIC_LOGGER = Expects(
-    "a metric logger (an object with log(metrics, step) and close(), such as "
-    "attune.training.TensorBoardLogger)",
-    attributes=("log", "close"),
-)
-"""What the ``metric_logger`` slot takes."""
-
-
-class TensorBoardLogger:
-    """Scalars to TensorBoard event files (needs the ``tensorboard`` package).
-
-    Args:
-        log_dir: where the event files go (``${output_dir}/tensorboard``, say).
-    """
-
-    def __init__(self, log_dir: str):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "metric_logger: TensorBoardLogger needs tensorboard (pip install tensorboard)"
-            ) from None
-        self.writer = SummaryWriter(log_dir=log_dir)
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, int | float):
-                self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class WandbLogger:
-    """Metrics to a Weights & Biases run (needs the ``wandb`` package).
-
-    Args:
-        project: the W&B project.
-        name: the run's name.
-        **init_kwargs: further ``wandb.init`` arguments (``entity``, ``mode``, ``tags``, ...).
-    """
-
-    def __init__(self, project: str, name: str | None = None, **init_kwargs: Any):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError(
-                "metric_logger: WandbLogger needs wandb (pip install wandb)"
-            ) from None
-        self.run = wandb.init(project=project, name=name, **init_kwargs)
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(metrics), step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 def _format(value: Any) -> str:
@@ -100,6 +37,14 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, Any]:
         k: (None if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in metrics.items()
     }
+
+
+def mean_and_std(name: str, total: float, squares: float, count: float) -> dict[str, float]:
+    """``{name: mean, name_std: unbiased standard deviation}`` of ``count`` values from their
+    sum and their sum of squares (the sums a recipe gathers over every process)."""
+    mean = total / max(count, 1)
+    variance = (squares - count * mean**2) / max(count - 1, 1)
+    return {name: mean, f"{name}_std": max(variance, 0.0) ** 0.5}
 
 
 def append_metrics(output_dir: str | Path, record: Mapping[str, Any]) -> None:

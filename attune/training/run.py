@@ -33,6 +33,7 @@ class Run:
         autocast: the forward pass's autocast dtype name, or None.
         output_dir: the run's folder.
         world: this process among the data-parallel processes.
+        exit_callbacks: what :meth:`at_exit` registered.
     """
 
     device: torch.device
@@ -40,6 +41,9 @@ class Run:
     autocast: str | None
     output_dir: Path
     world: World = field(default_factory=World)
+    exit_callbacks: list[Callable[[BaseException | None], None]] = field(
+        default_factory=list, repr=False
+    )
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +58,17 @@ class Run:
         if self.is_main:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+
+    def at_exit(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Have :func:`start_run` call ``callback(error)`` when the run ends, however it ends:
+        ``error`` is None at a normal end, else the exception ending it (a stop signal's
+        :class:`~attune.errors.RunStopped`, say). The last registered is called first."""
+        self.exit_callbacks.append(callback)
+
+    def exit(self, error: BaseException | None) -> None:
+        """Call the :meth:`at_exit` callbacks, once each."""
+        while self.exit_callbacks:
+            self.exit_callbacks.pop()(error)
 
 
 def make_output_dir(path: Path) -> None:
@@ -80,6 +95,8 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
     requested = cfg.get("device", "auto")
     device_type = resolve_device(requested).type
     world = init_world(device_type)
+    run: Run | None = None
+    ending: BaseException | None = None
     try:
         run = Run(
             device=resolve_device(requested, world.local_rank),
@@ -100,8 +117,15 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
             OmegaConf.save(cfg, run.output_dir / CONFIG_FILE, resolve=True)
         world.barrier()
         yield run
+    except BaseException as error:
+        ending = error
+        raise
     finally:
-        shutdown(world)
+        try:
+            if run is not None:
+                run.exit(ending)
+        finally:
+            shutdown(world)
 
 
 def recipe(schema: Mapping[str, Any]) -> Callable[[Callable[[DictConfig, Run], Any]], Any]:

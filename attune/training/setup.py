@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from attune import config
@@ -29,7 +30,7 @@ from attune.training.loop import TrainingLoop, total_steps
 from attune.training.optim import build_optimizer
 from attune.training.run import Run
 from attune.training.runtime import resolve_dtype
-from attune.training.sharding import materialize, shard_model
+from attune.training.sharding import check_expert_parallel, materialize, shard_model
 
 
 def build_model(
@@ -40,6 +41,7 @@ def build_model(
     cpu_offload: bool = False,
     fake_quantization: QuantizationScheme | None = None,
     dtype: torch.dtype | None = None,
+    expert_parallel_degree: int = 1,
 ) -> TransformerDecoder:
     """Build the ``model`` component for this process, with LoRA adapters when given.
 
@@ -57,6 +59,8 @@ def build_model(
         fake_quantization: quantization-aware training under this scheme: fake quantizers
             go in before sharding (FSDP2 then holds the swapped layers' parameters).
         dtype: the weights' dtype, if not the run's (a distillation teacher's).
+        expert_parallel_degree: split a mixture of experts' experts over groups of this many
+            processes (1: none; see :func:`~attune.training.sharding.split_experts`).
     """
     distributed = run.world.distributed
     device = "meta" if distributed else run.device
@@ -68,10 +72,12 @@ def build_model(
     try:
         if distributed:
             compute = resolve_dtype(run.autocast) if run.autocast else None
-            shard_model(model, run.world, compute_dtype=compute, cpu_offload=cpu_offload)
+            shard_model(model, run.world, compute, cpu_offload, expert_parallel_degree)
             materialize(model, run.device, weights or model.config.source, lora)
-        elif weights is not None:
-            load_weights(model, weights, ignore=is_adapter_key)
+        else:
+            check_expert_parallel(model, 1, expert_parallel_degree)
+            if weights is not None:
+                load_weights(model, weights, ignore=is_adapter_key)
     except CheckpointError as error:
         if weights is None:
             raise
@@ -182,6 +188,7 @@ def setup_training(
         weights=resumed_from if lora is None else None,
         cpu_offload=cfg.get("cpu_offload", False),
         fake_quantization=fake_quantization,
+        expert_parallel_degree=cfg.get("expert_parallel_degree", 1),
     )
     if cfg.get("enable_activation_checkpointing"):
         apply_activation_checkpointing(model)
@@ -237,12 +244,35 @@ def training_loop(
         total_steps=steps,
         epochs=epochs,
         log_every=cfg.get("log_every_n_steps", 1),
-        metric_logger=config.instantiate(cfg.get("metric_logger")),
         companions=companions,
+        metric_loggers=metric_loggers(cfg),
+        hyperparameters=_hyperparameters(cfg),
     )
     if setup.resume_from is not None:
         loop.resume(setup.resume_from)
     return loop
+
+
+def _hyperparameters(cfg: Any) -> dict[str, Any]:
+    """The resolved config, as the trackers record it."""
+    if isinstance(cfg, DictConfig):
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    return dict(cfg)
+
+
+def metric_loggers(cfg: Any) -> list[tuple[str, Any]]:
+    """The config's trackers, named by where it gives them: ``metric_logger`` (one, or a
+    list) and ``metric_loggers`` (a list, or one)."""
+    built = []
+    for key in ("metric_logger", "metric_loggers"):
+        node = cfg.get(key)
+        if node is None:
+            continue
+        if OmegaConf.is_list(node) or isinstance(node, list):
+            built += [(f"{key}.{i}", config.instantiate(item)) for i, item in enumerate(node)]
+        else:
+            built.append((key, config.instantiate(node)))
+    return built
 
 
 def reference_model(

@@ -1,7 +1,12 @@
 """Knowledge distillation's teacher and its step: the teacher built frozen (eval mode, no
 gradients, in ``teacher_dtype``, sharded like the student under torchrun), its vocabulary
 checked against the student's, and one optimizer step's forward and backward passes of the
-student against it (:func:`distillation_step`, token-exact as SFT's)."""
+student against it (:func:`distillation_step`, token-exact as SFT's).
+
+With ``offload_teacher``, the teacher holds no device memory between steps: on one process it
+lives on the CPU and comes to the device for each step's passes; under torchrun its shards stay
+on the CPU (FSDP2's CPU offload) and each layer is gathered onto the device as it runs.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ from typing import Any
 import torch
 
 from attune import config
+from attune.data.collate import IGNORE_INDEX
 from attune.errors import ConfigError
 from attune.models import TransformerDecoder
 from attune.precision import entered
 from attune.tokenizer import Tokenizer
 from attune.training.distillation import DistillationLoss
+from attune.training.frozen import brought_to
 from attune.training.loss import token_count
 from attune.training.run import Run
 from attune.training.runtime import resolve_dtype
@@ -24,7 +31,15 @@ from attune.training.setup import build_model
 from attune.training.sharding import unsharded_root
 from attune.training.step import MODEL_INPUTS, StepResult, accumulated_backward
 
-TEACHER_KEYS = ("teacher", "teacher_dtype", "teacher_tokenizer")
+TEACHER_KEYS = {
+    "teacher": config.Component(provided=("dtype", "device")),
+    "teacher_dtype": config.Field(str | None, required=False),
+    "teacher_tokenizer": config.Component(required=False),
+    "offload_teacher": config.Field(bool, required=False),
+}
+"""The keys of a recipe with a distillation teacher: its component (any supported family that
+shares the student's tokenizer), its weights' dtype, its tokenizer when its folder has none,
+and whether it waits on the CPU between steps."""
 
 
 def check_teacher_path(cfg: Any) -> None:
@@ -100,9 +115,14 @@ def build_teacher(
     theirs = teacher_tokenizer(cfg)
     if theirs is not None:
         check_vocabularies(tokenizer, theirs)
-    teacher = build_model(cfg.teacher, run, dtype=teacher_dtype(cfg, run))
+    offload = bool(cfg.get("offload_teacher", False))
+    distributed = run.world.distributed
+    dtype = teacher_dtype(cfg, run)
+    teacher = build_model(cfg.teacher, run, cpu_offload=offload and distributed, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
+    if offload and not distributed:
+        teacher.to("cpu")  # brought to the device by each distillation_step
     if theirs is None:
         theirs = teacher_tokenizer(cfg, teacher)
         if theirs is not None:
@@ -118,9 +138,15 @@ def distillation_step(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     loss_fn: DistillationLoss,
     run: Run,
+    offload_teacher: bool = False,
 ) -> StepResult:
     """Forward and backward over a step's micro-batches against the teacher, token-exact:
     gradients accumulate in the student's ``.grad``.
+
+    With ``offload_teacher`` on one process, the teacher is brought from the CPU to the
+    device for the step and back after it (a sharded teacher's CPU offload is FSDP2's own).
+    Micro-batches from :class:`~attune.training.on_policy.OnPolicy` carry ``generated``
+    rows, passed on to the loss.
 
     The teacher's final hidden states come from its forward pass under ``no_grad``; its head
     runs in the loss a chunk at a time (again in the backward pass, where the student's chunk
@@ -130,19 +156,29 @@ def distillation_step(
     Returns:
         The step's mean loss per trained token, its trained and input tokens, and in
         ``extras`` the mean cross-entropy (``ce_loss``) and divergence (``kd_loss``) per
-        trained token, all over every rank.
+        trained token, and with on-policy batches the share of trained tokens the student
+        generated (``on_policy_share``), all over every rank.
     """
 
     def summed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+        generated = batch.get("generated")
+        extra = {} if generated is None else {"generated": generated}
         with torch.no_grad(), entered(run.precision):
             teacher_hidden = teacher(batch["tokens"], return_hidden=True, **inputs)
         with entered(run.precision):
             hidden = student(batch["tokens"], return_hidden=True, **inputs)
-            terms = loss_fn(hidden, batch["labels"], student.output, teacher_hidden, teacher.output)
-        return terms.loss, {"loss": terms.loss, "ce_loss": terms.ce, "kd_loss": terms.kd}
+            terms = loss_fn(
+                hidden, batch["labels"], student.output, teacher_hidden, teacher.output, **extra
+            )
+        stats = {"loss": terms.loss, "ce_loss": terms.ce, "kd_loss": terms.kd}
+        if generated is not None:
+            own = (batch["labels"][:, 1:] != IGNORE_INDEX) & generated[:, None]
+            stats["on_policy_share"] = own.sum().float()
+        return terms.loss, stats
 
-    with unsharded_root(teacher):
+    offload = offload_teacher and not run.world.distributed
+    with brought_to(teacher, run.device, offload), unsharded_root(teacher):
         total, input_tokens, sums = accumulated_backward(
             student, micro_batches, lambda batch: token_count(batch["labels"]), summed, run.device
         )

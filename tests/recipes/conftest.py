@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -177,3 +178,16 @@ def records(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path) -> list[float]:
     """The training loss of each logged step (a run's closing evaluation line has none)."""
     return [record["loss"] for record in records(run_dir) if "loss" in record]
+
+
+PROGRESS_BAR = re.compile(r"[\w ]+: +(\d+%\||\d+ examples)")
+
+
+def the_error(result, code=1):
+    """The one ``error:`` line of a failed run: no traceback, nothing else but progress bars."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    others = [line for line in lines if not PROGRESS_BAR.match(line)]
+    assert len(others) == 1 and others[0].startswith("error: "), result.stderr[-3000:]
+    return others[0]

@@ -45,6 +45,7 @@ MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2)
         ("qwen3_moe/30B_A3B_dpo_lora", "lora_dpo_single_device", "Qwen3MoeConfig", QWEN3_MOE),
         ("mixtral/8x7B_instruct_lora", "lora_finetune_distributed", "MixtralConfig", MIXTRAL),
         ("qwen2_moe/A2.7B_full", "full_finetune_distributed", "Qwen2MoeConfig", QWEN2_MOE),
+        ("qwen3/0.6B_grpo", "grpo_full_finetune_single_device", "Qwen3Config", {}),
     ],
 )
 def test_shipped_config_trains_a_tiny_model_of_its_family(
@@ -71,6 +72,9 @@ def test_shipped_config_trains_a_tiny_model_of_its_family(
             }
             for w in words
         ]
+    elif "grpo" in config:  # GSM8K's layout: a question, and a worked answer ending "#### n"
+        rows = [{"question": f"Add {n} and 1.", "answer": f"{n} + 1 = {n + 1}\n#### {n + 1}"}
+                for n in range(len(words))]  # fmt: skip
     else:
         rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in words]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -86,6 +90,16 @@ def test_shipped_config_trains_a_tiny_model_of_its_family(
         "max_steps=3",
         "batch_size=2",
         "gradient_accumulation_steps=2",
+        *(
+            (
+                "~dataset.load_kwargs",
+                "max_new_tokens=8",
+                "grpo.num_generations=2",
+                "grpo.micro_batch_size=2",
+            )
+            if "grpo" in config
+            else ()
+        ),
     )
     assert len(losses(tmp_path / "run")) == 3
     assert (tmp_path / "run" / "checkpoints" / "step_3").is_dir()

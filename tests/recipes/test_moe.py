@@ -9,7 +9,15 @@ import torch
 
 from attune import models
 from attune.peft import load_adapter
-from tests.recipes.conftest import losses, records, small_moe, train, write_config
+from tests.conftest import assert_one_line_error
+from tests.recipes.conftest import (
+    losses,
+    records,
+    run_tune_in_process,
+    small_moe,
+    train,
+    write_config,
+)
 
 TOKENS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
 
@@ -80,3 +88,63 @@ def test_sft_trains_each_moe_family(tmp_path, config_class):
     history = losses(tmp_path / "run")
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(history)))
     assert all("router_aux_loss" in r for r in records(tmp_path / "run") if "loss" in r)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "base", "plan"),
+    [
+        # fresh on both counts, then the expert-parallel checkpoint resumed on one process
+        ("full_finetune_distributed", "tiny/full", [("one", 1, None), ("ep", 2, None),
+                                                     ("one_from_ep", 1, "ep")]),
+        # one process's checkpoint (adapters and their optimizer) resumed expert-parallel
+        ("lora_finetune_distributed", "tiny/lora", [("one", 1, None), ("ep", 2, "one")]),
+    ],
+    ids=["full", "lora"],
+)  # fmt: skip
+def test_expert_parallel_equals_one_process_and_resumes_across_counts(tmp_path, recipe, base, plan):
+    """Two processes with two experts each (``expert_parallel_degree=2``: tokens sent to their
+    experts' process by all-to-all) give one process's losses; a checkpoint of either resumes
+    on the other; the saved folder (every expert gathered) loads in transformers (and peft)
+    with the one-process run's logits."""
+    checkpoint = small_moe(tmp_path / "model")
+    runs = {}
+    for name, processes, resume_from in plan:
+        folder = tmp_path / name
+        folder.mkdir()
+        extra = {"expert_parallel_degree": 2} if processes == 2 else {}
+        if resume_from is not None:
+            extra["resume_from_checkpoint"] = str(runs[resume_from] / "checkpoints" / "step_2")
+        config = write_config(
+            folder, checkpoint, base, max_steps=4, batch_size=1,
+            gradient_accumulation_steps=4 // processes, **extra,
+            **{"checkpointer.save_every_n_steps": 2, "checkpointer.keep_last_n": None},
+        )  # fmt: skip
+        launcher = ("--nproc_per_node", str(processes)) if processes > 1 else ()
+        train(recipe, config, launcher=launcher)
+        runs[name] = folder / "run"
+    one = losses(runs["one"])
+    for name, _, resume_from in plan[1:]:
+        wanted = one if resume_from is None else one[2:]  # a resumed run logs steps 3 and 4
+        assert close(losses(runs[name]), wanted), (name, losses(runs[name]), one)
+
+    transformers = pytest.importorskip("transformers")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    folders = [runs[name] / "checkpoints" / "step_4" for name in ("ep", "one")]
+    if base == "tiny/full":
+        reference, expected = (load(folder).eval() for folder in folders)
+    else:
+        peft = pytest.importorskip("peft")
+        reference, expected = (
+            peft.PeftModel.from_pretrained(load(checkpoint), folder).eval() for folder in folders
+        )
+    with torch.no_grad():
+        difference = (reference(TOKENS).logits - expected(TOKENS).logits).abs().max().item()
+    assert difference < 1e-4
+
+
+def test_expert_parallelism_on_one_process_is_a_one_line_error(tmp_path):
+    checkpoint = small_moe(tmp_path / "model")
+    config = write_config(tmp_path, checkpoint, "tiny/full", expert_parallel_degree=2)
+    result = run_tune_in_process("run", "full_finetune_single_device", "--config", str(config))
+    assert result.returncode != 0
+    assert_one_line_error(result.stderr, "expert_parallel_degree=2", "--nproc_per_node 2")

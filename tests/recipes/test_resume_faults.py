@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import pickle
-import re
 import resource
 import shutil
 import signal
@@ -23,7 +22,7 @@ from attune.checkpoint.manifest import write_manifest
 from attune.training import Checkpointer
 from attune.training.checkpointer import MANIFEST_FILE, SHARDED_DIR, STATE_DIR
 from tests.conftest import tune_command
-from tests.recipes.conftest import run_tune_in_process, train, write_config
+from tests.recipes.conftest import run_tune_in_process, the_error, train, write_config
 
 RECIPES = {"full": "full_finetune_single_device", "lora": "lora_finetune_single_device"}
 BASES = {"full": "tiny/full", "lora": "tiny/lora"}
@@ -68,19 +67,6 @@ def copy_of(run, tmp_path, checkpoint, kind="full", **overrides):
 def resume(config, *overrides, kind="full"):
     args = ("run", RECIPES[kind], "--config", str(config), "resume_from_checkpoint=true")
     return run_tune_in_process(*args, *overrides)
-
-
-PROGRESS_BAR = re.compile(r"[\w ]+: +(\d+%\||\d+ examples)")
-
-
-def the_error(result, code=1):
-    """The one ``error:`` line of a failed run: no traceback, nothing else but progress bars."""
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    others = [line for line in lines if not PROGRESS_BAR.match(line)]
-    assert len(others) == 1 and others[0].startswith("error: "), result.stderr[-3000:]
-    return others[0]
 
 
 def test_a_crafted_metadata_file_runs_nothing(full_run, tmp_path, checkpoint):

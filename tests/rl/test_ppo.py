@@ -125,7 +125,7 @@ def test_adaptive_kl_controller_moves_toward_the_target():
     ("setting", "message"),
     [
         ({"clip_ratio": 0.0}, "ppo.clip_ratio must be > 0"),
-        ({"kl_estimator": "k2"}, "ppo.kl_estimator must be k1 or k3"),
+        ({"kl_estimator": "k4"}, "ppo.kl_estimator must be k1, k2 or k3"),
         ({"gamma": 1.5}, "ppo.gamma must be in [0, 1]"),
     ],
 )

@@ -206,3 +206,40 @@ def test_settings_out_of_range_are_one_line_config_errors(settings, message):
 def test_kd_ratio_bounds_are_allowed():
     assert DistillationLoss(kd_ratio=0).kd_ratio == 0.0
     assert DistillationLoss(kd_ratio=1).kd_ratio == 1.0
+
+
+def test_generated_rows_count_in_the_divergence_only():
+    """On-policy rows (the student's own completions) have no reference answer: their
+    positions add to the divergence and nothing to the cross-entropy."""
+    hidden, labels, head, teacher_hidden, teacher_head = batch()
+    loss_fn = DistillationLoss("forward_kl", kd_ratio=0.3)
+    generated = torch.tensor([False, True])
+    terms = loss_fn(hidden, labels, head, teacher_hidden, teacher_head, generated=generated)
+    every = loss_fn(hidden, labels, head, teacher_hidden, teacher_head)
+    first_row = loss_fn(hidden[:1], labels[:1], head, teacher_hidden[:1], teacher_head)
+    assert terms.tokens == every.tokens == 8
+    assert terms.kd.item() == pytest.approx(every.kd.item(), rel=1e-6)
+    assert terms.ce.item() == pytest.approx(first_row.ce.item(), rel=1e-6)
+    assert terms.loss.item() == pytest.approx(0.7 * terms.ce.item() + 0.3 * terms.kd.item())
+    no_rows = torch.zeros(2, dtype=torch.bool)
+    none = loss_fn(hidden, labels, head, teacher_hidden, teacher_head, generated=no_rows)
+    assert none.loss.item() == pytest.approx(every.loss.item(), rel=1e-6)
+
+
+def test_an_offloaded_model_is_on_the_device_only_while_used(monkeypatch):
+    """``offload_teacher``'s mechanism (shared with RL's frozen models): to the device for the
+    block, back to the CPU after it, also when the block raises; nothing moves without it."""
+    from attune.training.frozen import brought_to
+
+    moves = []
+    module = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(module, "to", lambda device: moves.append(str(device)) or module)
+    with brought_to(module, torch.device("cuda")):
+        moves.append("used")
+    assert moves == ["cuda", "used", "cpu"]
+    with pytest.raises(RuntimeError), brought_to(module, torch.device("cuda")):
+        raise RuntimeError
+    assert moves[-2:] == ["cuda", "cpu"]
+    with brought_to(module, torch.device("cuda"), offload=False):
+        pass
+    assert len(moves) == 5

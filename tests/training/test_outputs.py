@@ -1,17 +1,14 @@
 """Checkpoint folders, schedules and metrics files."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from attune.errors import CheckpointError, ConfigError
+from attune.errors import CheckpointError
 from attune.training import (
     Checkpointer,
     MetricsWriter,
-    TensorBoardLogger,
-    WandbLogger,
     constant_with_warmup,
     cosine_with_warmup,
     linear_with_warmup,
@@ -68,31 +65,3 @@ def test_metrics_file_drops_steps_after_the_resumed_checkpoint(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["loss"] is None  # JSON has no NaN
-
-
-def test_wandb_logger_sends_each_step(monkeypatch, tmp_path):
-    calls = []
-
-    class FakeRun:
-        def log(self, metrics, step):
-            calls.append((step, metrics))
-
-        def finish(self):
-            calls.append("finished")
-
-    fake = type(sys)("wandb")
-    fake.init = lambda project, name=None, **kwargs: calls.append((project, kwargs)) or FakeRun()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    writer = MetricsWriter(tmp_path, 2, extra=WandbLogger("attune", mode="offline"), progress=False)
-    writer.log({"step": 1, "loss": 2.0, "lr": 0.1})
-    writer.close()
-    assert calls == [("attune", {"mode": "offline"}), (1, {"loss": 2.0, "lr": 0.1}), "finished"]
-
-
-def test_a_logger_whose_package_is_missing_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ConfigError, match=r"WandbLogger needs wandb \(pip install wandb\)"):
-        WandbLogger("attune")
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ConfigError, match="TensorBoardLogger needs tensorboard"):
-        TensorBoardLogger(str(tmp_path))
