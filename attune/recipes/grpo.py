@@ -215,6 +215,11 @@ def recipe_main(cfg, run):
                 "filled_groups": filled if settings.dynamic_sampling else None,
                 "sampled_groups": total["sampled_groups"] if settings.dynamic_sampling else None,
                 "generated_tokens_per_second": total["generated"] / max(generation_seconds, 1e-9),
+                "router_aux_loss": (  # a mixture of experts' load-balancing loss, per unit
+                    update_sums["router_aux_loss"] / max(update_sums["units"], 1)
+                    if "router_aux_loss" in update_sums
+                    else None
+                ),
                 "grad_norm": grad_norm,
             }
         )

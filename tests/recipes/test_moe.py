@@ -11,6 +11,7 @@ from attune import models
 from attune.peft import load_adapter
 from tests.conftest import assert_one_line_error
 from tests.recipes.conftest import (
+    config_file,
     losses,
     records,
     run_tune_in_process,
@@ -148,3 +149,34 @@ def test_expert_parallelism_on_one_process_is_a_one_line_error(tmp_path):
     result = run_tune_in_process("run", "full_finetune_single_device", "--config", str(config))
     assert result.returncode != 0
     assert_one_line_error(result.stderr, "expert_parallel_degree=2", "--nproc_per_node 2")
+
+
+def test_grpo_and_distillation_train_a_mixture_of_experts(tmp_path):
+    """The newer recipes take a mixture of experts as they take a dense model: GRPO samples it
+    with the KV cache and trains it with the router's loss; KD distils an MoE teacher into an
+    MoE student."""
+    student = small_moe(tmp_path / "student")
+    teacher = small_moe(tmp_path / "teacher", "MixtralConfig")
+    prompts = {"_component_": "attune.demo.reverse_words_prompts"}
+    for name in ("grpo", "kd"):
+        (tmp_path / name).mkdir()
+    reward = {"_component_": "attune.rl.FunctionReward",
+              "function": {"_component_": "attune.demo.reverse_words_reward", "_partial_": True}}  # fmt: skip
+    grpo = config_file(tmp_path / "grpo", {
+        "base": "tiny/grpo", "output_dir": str(tmp_path / "grpo" / "run"),
+        "model": {"_component_": "attune.models.from_pretrained", "path": str(student)},
+        "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(student)},
+        "dataset": prompts, "reward": reward, "answer_check": None, "max_steps": 2,
+        "batch_size": 2, "max_new_tokens": 4, "log_every_n_steps": 1,
+    }, {"grpo.num_generations": 2})  # fmt: skip
+    kd = write_config(
+        tmp_path / "kd", student, "tiny/kd", max_steps=2,
+        teacher={"_component_": "attune.models.from_pretrained", "path": str(teacher)},
+    )  # fmt: skip
+    for recipe, config in (("grpo_full_finetune_single_device", grpo),
+                           ("knowledge_distillation_single_device", kd)):  # fmt: skip
+        train(recipe, config)
+        logged = [r for r in records(config.parent / "run") if "loss" in r]
+        assert len(logged) == 2, recipe
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged), recipe
+        assert all(r["router_aux_loss"] > 0.5 for r in logged), recipe
