@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attune.config import parse
+from attune.cpu import bf16_notice
 from attune.distributed import World, init_world, shutdown
 from attune.errors import ConfigError
 from attune.training.runtime import autocast, resolve_device, resolve_dtype, seed_everything
@@ -107,6 +108,10 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
         )
         if run.autocast is not None:
             resolve_dtype(run.autocast)  # a bad name fails now, not at the first forward pass
+        if run.is_main:  # the probe takes half a second, and only where the notice is due
+            notice = bf16_notice(run.device, run.dtype, run.autocast)
+            if notice is not None:
+                run.print(notice)
         seed_everything(cfg.get("seed", 0))
         if run.output_dir.exists() and not run.output_dir.is_dir():
             raise ConfigError(
