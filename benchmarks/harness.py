@@ -10,6 +10,10 @@ usage this reports, over the steady state (the steps after ``warmup``):
 - ``peak_rss_gb``: the child's peak resident memory (the whole process, all of the run);
 - ``peak_cuda_memory_gb`` and ``mfu`` on a GPU (model FLOPs utilisation: 6 x parameters x
   non-padding tokens/s over the device's dense bf16 peak; attention's own FLOPs left out);
+- ``flops_per_token`` (forward + backward, attention included, LoRA's own count: see
+  :func:`benchmarks.mfu.model_flops_per_token`) and ``matmul_dtype`` when the model's
+  ``config.json`` is found, and on a CPU ``matmul_peak_flops`` (``torch.mm`` on the model's
+  projection shapes, measured after the run) and ``mfu`` over it;
 - ``loss``: the last step's, and ``wall_seconds``: the whole process.
 
     python benchmarks/harness.py full_finetune_single_device --config tiny/full --steps 30
@@ -28,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.mfu, run as a script
 
 # Dense bf16 tensor-core peaks (FLOP/s), for MFU; a device not listed reports no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -88,6 +94,7 @@ def run_and_measure(
     output_dir: Path | None = None,
     parameters: int | None = None,
     env: dict[str, str] | None = None,
+    peak_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Run ``tune run recipe --config config`` for ``steps`` steps and measure it.
 
@@ -98,6 +105,8 @@ def run_and_measure(
         output_dir: the run's folder (default: a temporary one, removed after).
         parameters: the model's parameter count, for MFU on a GPU.
         env: extra environment for the run.
+        peak_seconds: on a CPU, measure the matmul peak of the run's dtype for this long after
+            the run and report ``mfu`` over it (0: no measurement, ``flops_per_token`` only).
 
     Raises:
         RuntimeError: the run failed (its stderr's tail in the message).
@@ -134,6 +143,7 @@ def run_and_measure(
                 raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read()[-3000:]}")
         records = read_metrics(folder)
         figures = steady_state(records, warmup)
+        flops = _flops_figures(folder, records, figures, peak_seconds)
     figures.update(
         {
             "recipe": recipe,
@@ -145,8 +155,31 @@ def run_and_measure(
             "wall_seconds": wall,
         }
     )
+    figures.update(flops)
     figures.update(_gpu_figures(records, figures, parameters))
     return figures
+
+
+def _flops_figures(
+    folder: Path, records: list[dict[str, Any]], figures: dict[str, Any], peak_seconds: float
+) -> dict[str, Any]:
+    # imported here: mfu.py needs torch, which the harness itself does not
+    from benchmarks.mfu import DTYPES, flops_for_run, matmul_peak, mfu, projection_shapes
+
+    run = flops_for_run(folder)
+    if run is None:
+        return {}
+    found = {"flops_per_token": run["flops_per_token"], "matmul_dtype": run["dtype"]}
+    import torch
+
+    if peak_seconds > 0 and not torch.cuda.is_available():  # a GPU's peak is its datasheet's
+        # the products the run's projections multiply: its mean input tokens a step as M
+        tokens = max(1, round(records[-1]["tokens_seen"] / records[-1]["step"]))
+        shapes = projection_shapes(run["model_config"], tokens)
+        peak = matmul_peak(DTYPES[run["dtype"]], shapes, seconds=peak_seconds)
+        found["matmul_peak_flops"] = peak
+        found["mfu"] = mfu(figures["tokens_per_second"], run["flops_per_token"], peak)
+    return found
 
 
 def _gpu_figures(
@@ -174,10 +207,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--parameters", type=int, default=None, help="for MFU on a GPU")
+    parser.add_argument(
+        "--peak-seconds", type=float, default=2.0, help="CPU matmul peak measurement, for MFU"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides (after --)")
     args = parser.parse_args()
     figures = run_and_measure(
-        args.recipe, args.config, args.overrides, args.steps, args.warmup, None, args.parameters
+        args.recipe,
+        args.config,
+        args.overrides,
+        args.steps,
+        args.warmup,
+        None,
+        args.parameters,
+        peak_seconds=args.peak_seconds,
     )
     print(json.dumps(figures))
 

@@ -9,6 +9,13 @@ and the table gives every configuration's median tokens/s (non-padding input tok
 after 2 warm-up steps, as the anchors count them), peak RSS and last loss, and the ratios of
 attune's best setting to each anchor's best, for full and for LoRA fine-tuning.
 
+Beside tokens/s, each configuration's model FLOPs utilisation (:mod:`benchmarks.mfu`): forward +
+backward FLOPs a token (attention at 512 tokens; LoRA's own count) x tokens/s over the matmul
+peak of its dtype, measured once with ``torch.mm`` on the model's projection shapes (2,048
+tokens). On a CPU without bf16 instructions the bf16 settings, attune's and the anchors', are
+left out (bf16 is emulated there: each would take hours); ``--bf16`` keeps them. The header
+records the CPU's flags.
+
     python benchmarks/side_by_side.py                      # everything, 3 repetitions
     python benchmarks/side_by_side.py --reps 1 --attune full_fp32 lora_fp32 \\
         --anchors tt_full_fp32 tt_lora_fp32 trl_full_fp32 trl_lora_fp32
@@ -32,7 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from attune.cpu import cpu_flags, has_bf16_instructions
 from benchmarks.harness import recipe_config, run_and_measure
+from benchmarks.mfu import REPORTED_FLAGS, cpu_header, measure_peaks, mfu, model_flops_per_token
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchors"
 STEPS = 60
@@ -70,6 +79,7 @@ ANCHOR_IDS = (
     "trl_lora_bf16amp",
 )
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_LEN, BATCH, LORA_RANK = 512, 4, 8
 
 
 def attune_config(work: Path, method: str, folder: Path) -> Path:
@@ -206,6 +216,40 @@ def run_attune(work: Path, names: list[str], reps: int) -> dict[str, list[dict]]
     return runs
 
 
+def select_settings(
+    attune: list[str], anchors: list[str], keep_bf16: bool = False
+) -> tuple[list[str], list[str], list[str]]:
+    """attune's and the anchors' settings to run, and those left out: every bf16 one on a CPU
+    without bf16 instructions (emulated there, each would take hours), unless ``keep_bf16``."""
+    if keep_bf16 or has_bf16_instructions() is not False:
+        return list(attune), list(anchors), []
+    left_out = [f"attune_{n}" for n in attune if "bf16" in n] + [n for n in anchors if "bf16" in n]
+    kept_attune = [n for n in attune if "bf16" not in n]
+    return kept_attune, [n for n in anchors if "bf16" not in n], left_out
+
+
+def machine(work: Path, peak_seconds: float) -> dict:
+    """The CPU (its flags), the matmul peaks and the anchors' model's FLOPs a token, for MFU."""
+    config = json.loads((work / "model" / "config.json").read_text())
+    return {
+        "cpu": cpu_header(),
+        "cpu_flags": sorted(set(REPORTED_FLAGS) & cpu_flags()),
+        "bf16_instructions": has_bf16_instructions(),
+        "peaks": measure_peaks(config, BATCH * MAX_LEN, peak_seconds),
+        "flops_per_token": {
+            "full": model_flops_per_token(config, MAX_LEN),
+            "lora": model_flops_per_token(config, MAX_LEN, LORA_RANK, LORA_TARGETS),
+        },
+    }
+
+
+def row_mfu(name: str, row: dict[str, float], figures: dict) -> float:
+    """A configuration's MFU, against the peak of the dtype its name says it multiplies in."""
+    flops = figures["flops_per_token"]["lora" if "lora" in name else "full"]
+    peak = figures["peaks"]["bf16" if "bf16" in name else "fp32"]
+    return mfu(row["tokens_per_second"], flops, peak)
+
+
 def medians(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     keys = ("tokens_per_second", "peak_rss_gb", "loss", "step_seconds")
     return {
@@ -220,18 +264,35 @@ def best(table: dict[str, dict[str, float]], prefix: str, method: str) -> tuple[
     return max(chosen, key=lambda item: item[1]["tokens_per_second"], default=None)
 
 
-def report(table: dict[str, dict[str, float]], reps: int) -> str:
+def report(table: dict[str, dict[str, float]], reps: int, figures: dict | None = None) -> str:
+    """The Markdown tables; with ``figures`` (:func:`machine`'s, plus ``left_out``), the CPU's
+    flags and peaks in the header and an MFU column."""
     lines = [
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {STEPS} steps (first {WARMUP} excluded), medians of {reps}.",
+    ]
+    if figures is not None:
+        peaks = figures["peaks"]
+        lines.append(
+            f"CPU: {figures['cpu']}. Matmul peak (torch.mm, the model's shapes): fp32 "
+            f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s."
+        )
+        if figures.get("left_out"):
+            lines.append(
+                "Left out, no bf16 instructions on this CPU (bf16 emulated, hours a run): "
+                + ", ".join(figures["left_out"])
+                + "."
+            )
+    lines += [
         "",
-        "| config | tokens/s | step s | peak RSS GB | loss @60 |",
-        "| --- | --- | --- | --- | --- |",
+        "| config | tokens/s | MFU | step s | peak RSS GB | loss @60 |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(table.items()):
+        utilisation = f"{row_mfu(name, row, figures):.0%}" if figures is not None else "-"
         lines.append(
-            f"| {name} | {row['tokens_per_second']:,.0f} | {row['step_seconds']:.2f} | "
-            f"{row['peak_rss_gb']:.2f} | {row['loss']:.3f} |"
+            f"| {name} | {row['tokens_per_second']:,.0f} | {utilisation} | "
+            f"{row['step_seconds']:.2f} | {row['peak_rss_gb']:.2f} | {row['loss']:.3f} |"
         )
     lines += ["", "| method | attune best | vs torchtune best | vs TRL best | RSS vs torchtune |"]
     lines.append("| --- | --- | --- | --- | --- |")
@@ -264,15 +325,26 @@ def main() -> None:
         help="the anchors' work folder (model, data, their runs)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
+    parser.add_argument("--bf16", action="store_true", help="run bf16 settings on any CPU")
+    parser.add_argument("--peak-seconds", type=float, default=3.0, help="per dtype, for MFU")
     args = parser.parse_args()
-    runs = run_anchors(args.work, args.anchors, args.reps) if args.anchors else {}
+    attune, anchors, left_out = select_settings(args.attune, args.anchors, args.bf16)
+    if left_out:
+        print(
+            f"left out {', '.join(left_out)}: this CPU has no bf16 instructions (AVX-512 BF16 "
+            "or AMX), bf16 is emulated and each run would take hours (--bf16 keeps them)",
+            flush=True,
+        )
+    runs = run_anchors(args.work, anchors, args.reps) if anchors else {}
     if not (args.work / "model" / "model.safetensors").is_file():
         raise SystemExit(f"no anchor model in {args.work}: run with some --anchors first")
-    runs.update(run_attune(args.work, args.attune, args.reps))
+    runs.update(run_attune(args.work, attune, args.reps))
     table = medians(runs)
+    # measured after the runs, alone on the machine, as the runs were
+    figures = {**machine(args.work, args.peak_seconds), "left_out": left_out}
     if args.json is not None:
-        args.json.write_text(json.dumps(table, indent=1) + "\n")
-    print(report(table, args.reps))
+        args.json.write_text(json.dumps({"machine": figures, "configs": table}, indent=1) + "\n")
+    print(report(table, args.reps, figures))
 
 
 if __name__ == "__main__":
