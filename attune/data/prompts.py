@@ -98,7 +98,7 @@ def prompt_collate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "prompts": [list(row["tokens"]) for row in rows],
         "texts": [row["prompt"] for row in rows],
         "columns": [row["columns"] for row in rows],
-        "indices": [row.get("index", -1) for row in rows],
+        "indices": [row.get("index") for row in rows],  # None: a dataset without them
     }
 
 

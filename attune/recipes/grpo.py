@@ -52,6 +52,18 @@ def recipe_main(cfg, run):
             f"grpo.beta={settings.beta} weighs the KL to a reference, but reference_model is "
             "null; remove that line (the starting model serves) or set grpo.beta=0"
         )
+    sampling = training.sampling_options(cfg, 1.0)
+    temperature = sampling["temperature"]
+    if temperature <= 0:
+        raise ConfigError(
+            f"temperature={temperature} samples every completion of a group alike (greedy), so "
+            "no advantage is ever non-zero; GRPO needs temperature > 0 (1.0 is usual)"
+        )
+    if settings.overlong_buffer is not None and settings.overlong_buffer > cfg.max_new_tokens:
+        raise ConfigError(
+            f"grpo.overlong_buffer={settings.overlong_buffer} is longer than max_new_tokens="
+            f"{cfg.max_new_tokens}: every completion would be penalised; make it smaller"
+        )
     rewards = rl.Rewards.of(config.instantiate(cfg.reward))
     setup = training.setup_training(cfg, run)
     policy, tokenizer, lora = setup.model, setup.tokenizer, setup.lora
@@ -80,7 +92,7 @@ def recipe_main(cfg, run):
 
     def score(rollout, texts, columns):
         """The reward sources' scores of a rollout, and the rewards (weighted, penalised)."""
-        completions = tokenizer.decode_batch(rollout.responses.tolist(), skip_special_tokens=True)
+        completions = tokenizer.decode_batch(rollout.response_ids(), skip_special_tokens=True)
         with frozen.reward() as sources:
             scores = sources.scores(rollout, texts, completions, columns, run.precision)
         total = sources.total(scores)
@@ -93,7 +105,7 @@ def recipe_main(cfg, run):
 
     sample = functools.partial(
         rl.sample_groups, policy, score=score, num_generations=settings.num_generations,
-        max_new_tokens=cfg.max_new_tokens, sampling=training.sampling_options(cfg, 1.0),
+        max_new_tokens=cfg.max_new_tokens, sampling=sampling,
         stop_tokens=stop_tokens, pad_id=pad_id, seed=seed, rank=world.rank,
         world_size=world.world_size, all_ranks=distributed,
     )  # fmt: skip
@@ -110,8 +122,11 @@ def recipe_main(cfg, run):
             (varied,) = all_ranks_sums([rl.varied_count(groups)])
             if varied >= groups_per_process * world.world_size:
                 break
+            if rounds == settings.max_sampling_rounds:  # no round left to use more prompts
+                break
             drawn = loop.more_batches()
         sampled_groups = len(groups)
+        sampled_tokens = sum(len(response) for group in groups for response in group.responses)
         dropped = filled = 0
         if settings.dynamic_sampling:
             groups, dropped, filled = rl.batch_groups(
@@ -135,27 +150,31 @@ def recipe_main(cfg, run):
             "loss_mask": loss_mask,
             "advantages": advantages,
         }
+        logprobs_of = functools.partial(
+            frozen_logprobs, rollout=rollout, micro_batch_size=settings.micro_batch_size,
+            precision=run.precision, temperature=temperature,
+        )  # fmt: skip
         with torch.no_grad():
             if keep_old_logprobs:
-                experience["old_logprobs"] = rl.response_logprobs(policy, rollout, run.precision)
+                experience["old_logprobs"] = logprobs_of(policy)
             if settings.beta > 0:  # a LoRA policy's reference: itself, every adapter off
                 with frozen.reference(policy) as model:
                     adapters = (
                         peft.disabled_adapters(model) if adapters_off else contextlib.nullcontext()
                     )
                     with adapters:
-                        experience["ref_logprobs"] = rl.response_logprobs(
-                            model, rollout, run.precision
-                        )
+                        experience["ref_logprobs"] = logprobs_of(model)
 
         # 3. num_iterations passes of minibatches: one optimizer step each, token-exact
         order_source = torch.Generator().manual_seed(seed * 1_000_003 + loop.step)
         update_sums, grad_norm = {}, None
         loss_of = functools.partial(
             completions_loss, policy=policy, settings=settings, max_new_tokens=cfg.max_new_tokens,
-            prompt_len=rollout.prompt_len, precision=run.precision,
+            prompt_len=rollout.prompt_len, precision=run.precision, temperature=temperature,
         )  # fmt: skip
-        rows_of = rl.minibatch_rows(completions, settings.num_iterations, minibatches, order_source)
+        rows_of = rl.group_minibatch_rows(
+            completions, settings.num_iterations, minibatches, order_source
+        )
         for rows in rows_of:
             minibatch = {
                 name: tensor[rows.to(tensor.device)] for name, tensor in experience.items()
@@ -177,11 +196,11 @@ def recipe_main(cfg, run):
         # 4. The batch's statistics over every process
         lengths, response_tokens = rollout.response_lengths.float(), rollout.response_mask.sum()
         local = {
-            "completions": len(lengths), "reward": batch.rewards.sum(),
+            "completions": len(lengths), "reward": batch.rewards.double().sum(),
             "reward_squares": (batch.rewards.double() ** 2).sum(), "length": lengths.sum(),
             "truncated": (~rollout.stopped).sum(), "uniform_groups": uniform.sum(),
             "input_tokens": rollout.padding_mask.sum(), "generated": response_tokens,
-            "sampled_groups": sampled_groups,
+            "sampled_groups": sampled_groups, "sampled_tokens": sampled_tokens,
             **{f"score_{i}": scores.sum() for i, scores in enumerate(batch.scores)},
             **{f"score_squares_{i}": (s.double() ** 2).sum() for i, s in enumerate(batch.scores)},
         }  # fmt: skip
@@ -214,7 +233,8 @@ def recipe_main(cfg, run):
                 "dropped_groups": dropped if settings.dynamic_sampling else None,
                 "filled_groups": filled if settings.dynamic_sampling else None,
                 "sampled_groups": total["sampled_groups"] if settings.dynamic_sampling else None,
-                "generated_tokens_per_second": total["generated"] / max(generation_seconds, 1e-9),
+                "generated_tokens_per_second": total["sampled_tokens"]
+                / max(generation_seconds, 1e-9),
                 "router_aux_loss": (  # a mixture of experts' load-balancing loss, per unit
                     update_sums["router_aux_loss"] / max(update_sums["units"], 1)
                     if "router_aux_loss" in update_sums
@@ -237,7 +257,21 @@ def split_rows(batch, rows_per_part):
             for start in range(0, size, step)]  # fmt: skip
 
 
-def completions_loss(batch, *, policy, settings, max_new_tokens, prompt_len, precision):
+def frozen_logprobs(model, *, rollout, micro_batch_size, precision, temperature):
+    """``model``'s log-probabilities of the rollout's responses at the sampling temperature, in
+    micro-batches of ``micro_batch_size`` completions (the memory bound the updates keep)."""
+    rows = rollout.tokens.shape[0]
+    step = micro_batch_size or rows
+    parts = []
+    for start in range(0, rows, step):
+        part = rollout.select(slice(start, start + step))
+        parts.append(rl.response_logprobs(model, part, precision, temperature=temperature))
+    return torch.cat(parts)
+
+
+def completions_loss(
+    batch, *, policy, settings, max_new_tokens, prompt_len, precision, temperature
+):
     """A micro-batch of completions -> the GRPO-family loss summed over its units, and its
     summed statistics."""
     sample = rl.Rollout(
@@ -245,7 +279,9 @@ def completions_loss(batch, *, policy, settings, max_new_tokens, prompt_len, pre
         batch["response_mask"].any(-1),
     )  # fmt: skip
     hidden = rl.response_hidden(policy, sample, precision)
-    logprobs, entropy = rl.response_logprobs_and_entropy(hidden, sample, policy.output)
+    logprobs, entropy = rl.response_logprobs_and_entropy(
+        hidden, sample, rl.tempered(policy.output, temperature)
+    )
     old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
     loss, stats = rl.grpo_loss(
         logprobs, old, batch["advantages"], batch["loss_mask"], settings, max_new_tokens,

@@ -75,6 +75,10 @@ def recipe_main(cfg, run):
     if not loop.resumed:
         answers.record(policy, "before")
     seed = cfg.get("seed", 0)
+    # the log-probabilities (ratios, KL) are taken at the temperature the rollouts were sampled
+    # at, as TRL's PPO does: the distribution that produced them
+    sampling = training.sampling_options(cfg, temperature=1.0)
+    temperature = sampling["temperature"] or 1.0  # greedy rollouts: the model's own distribution
 
     # The loop: one rollout batch per item
     for micro_batches in loop:
@@ -90,7 +94,7 @@ def recipe_main(cfg, run):
             policy,
             prompts,
             cfg.max_new_tokens,
-            **training.sampling_options(cfg, temperature=1.0),
+            **sampling,
             stop_tokens=tokenizer.stop_token_ids,
             pad_id=pad_id,
             generator=generator,
@@ -109,13 +113,14 @@ def recipe_main(cfg, run):
                     ref_hidden = rl.response_hidden(model, rollout, run.precision)
                 head = frozen.head_of(model)
                 # the policy's and reference's heads projected once for all four
-                scored = rl.score_rollout(hidden, ref_hidden, rollout, policy.output, head)
+                scored = rl.score_rollout(
+                    hidden, ref_hidden, rollout, rl.tempered(policy.output, temperature),
+                    rl.tempered(head, temperature),
+                )  # fmt: skip
             old_logprobs, ref_logprobs = scored.logprobs, scored.reference_logprobs
             entropy, kl_vocab = scored.entropy, scored.kl_vocab
             old_values = rl.response_values(value, rollout, run.precision)
-            completions = tokenizer.decode_batch(
-                rollout.responses.tolist(), skip_special_tokens=True
-            )
+            completions = tokenizer.decode_batch(rollout.response_ids(), skip_special_tokens=True)
             with frozen.reward() as score:
                 scores = score(rollout, texts, completions, columns, run.precision)
             if settings.no_stop_penalty is not None:
@@ -146,7 +151,7 @@ def recipe_main(cfg, run):
             loss_of = functools.partial(
                 ppo_loss, policy=policy, value=value, settings=settings, kl_limit=kl_limit,
                 reference_output=reference_output, prompt_len=rollout.prompt_len,
-                precision=run.precision,
+                precision=run.precision, temperature=temperature,
             )  # fmt: skip
             for rows in rl.minibatch_rows(len(prompts), settings.epochs, minibatches, order_source):
                 minibatch = {
@@ -199,7 +204,10 @@ def recipe_main(cfg, run):
     answers.record(policy, "after")
 
 
-def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prompt_len, precision):
+def ppo_loss(
+    batch, *, policy, value, settings, kl_limit, reference_output, prompt_len, precision,
+    temperature,
+):  # fmt: skip
     """A minibatch of experience -> PPO's summed loss (clipped policy loss plus the weighted
     clipped value loss, over its response tokens) and its summed statistics. Past the KL
     limit, the policy's loss is its KL to the reference instead (:class:`attune.rl.KLLimit`)."""
@@ -209,13 +217,16 @@ def ppo_loss(batch, *, policy, value, settings, kl_limit, reference_output, prom
     )  # fmt: skip
     tokens = batch["response_mask"]
     hidden = rl.response_hidden(policy, sample, precision)
-    logprobs = rl.response_logprobs(policy, sample, hidden=hidden)
+    logprobs = rl.response_logprobs(policy, sample, hidden=hidden, temperature=temperature)
     policy_loss, policy_stats = rl.clipped_policy_loss(
         logprobs, batch["old_logprobs"], batch["advantages"], tokens, settings.clip_ratio
     )
     restoring = False
     if kl_limit.limit is not None:
-        kl = rl.response_kl(hidden, batch["ref_hidden"], sample, policy.output, reference_output)
+        kl = rl.response_kl(
+            hidden, batch["ref_hidden"], sample, rl.tempered(policy.output, temperature),
+            rl.tempered(reference_output, temperature),
+        )  # fmt: skip
         kl_sum, rows = all_ranks_sums([float(kl.detach().sum()), len(kl)])
         restoring = kl_limit.restores(kl_sum / rows)
         if restoring:

@@ -14,10 +14,17 @@ from attune.rl.grpo import (
     LOSS_TYPES,
     GRPOSettings,
     group_advantages,
+    group_minibatch_rows,
     grpo_loss,
     overlong_penalty,
 )
-from attune.rl.logprobs import PairLogprobs, pair_logprobs, sequence_logprobs, token_logprobs
+from attune.rl.logprobs import (
+    PairLogprobs,
+    pair_logprobs,
+    sequence_logprobs,
+    tempered,
+    token_logprobs,
+)
 from attune.rl.objective import STATISTICS, PreferenceObjective, mean_statistics
 from attune.rl.ppo import (
     KLController,
@@ -108,6 +115,7 @@ __all__ = [
     "gae",
     "generate_rollout",
     "group_advantages",
+    "group_minibatch_rows",
     "grpo_loss",
     "kl_penalty",
     "masked_mean",
@@ -129,6 +137,7 @@ __all__ = [
     "sequence_end_positions",
     "sequence_end_scores",
     "sequence_logprobs",
+    "tempered",
     "token_logprobs",
     "token_rewards",
     "varied_count",

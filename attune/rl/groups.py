@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from attune.distributed import every_rank
+from attune.errors import ConfigError
 from attune.models import TransformerDecoder
 from attune.rl.rollout import Rollout, generate_rollout
 
@@ -103,6 +104,11 @@ def sample_groups(
     texts = [text for batch in micro_batches for text in batch["texts"]]
     columns = [row for batch in micro_batches for row in batch["columns"]]
     indices = [index for batch in micro_batches for index in batch["indices"]]
+    if None in indices:
+        raise ConfigError(
+            "the prompt dataset's rows carry no 'index' (their place in the dataset, which seeds "
+            "their completions); build it with attune.data.prompt_dataset or add the field"
+        )
     device = policy.embed_tokens.weight.device
     generators = [
         torch.Generator(device).manual_seed(completion_seed(seed, step, index, completion))
@@ -122,12 +128,7 @@ def sample_groups(
     repeated_texts = [text for text in texts for _ in range(num_generations)]
     repeated_columns = [row for row in columns for _ in range(num_generations)]
     scores, rewards = score(rollout, repeated_texts, repeated_columns)
-    responses = [
-        row[:length]
-        for row, length in zip(
-            rollout.responses.tolist(), rollout.response_lengths.tolist(), strict=True
-        )
-    ]
+    responses = rollout.response_ids()
     groups = []
     for k, (prompt, text, row) in enumerate(zip(prompts, texts, columns, strict=True)):
         span = slice(k * num_generations, (k + 1) * num_generations)
@@ -156,8 +157,8 @@ def batch_groups(
     the others. Each process takes every ``world_size``-th, from its rank.
 
     Returns:
-        ``(this process's groups, groups dropped, groups filled in while unvaried)``, the
-        counts over all processes.
+        ``(this process's groups, groups sampled but left out of the batch, groups filled in
+        while unvaried)``, the counts over all processes.
     """
     everyone = sorted((g for share in every_rank(groups) for g in share), key=lambda g: g.order)
     wanted = groups_per_process * world_size
@@ -168,7 +169,7 @@ def batch_groups(
         unvaried = [group for group in everyone if not group.varied]
         filled = wanted - len(chosen)
         chosen = sorted(chosen + unvaried[:filled], key=lambda g: g.order)
-    dropped = len(everyone) - len(varied)
+    dropped = len(everyone) - len(chosen)  # sampled, left out of the batch
     return chosen[rank::world_size], dropped, filled
 
 

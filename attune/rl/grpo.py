@@ -24,6 +24,7 @@ step's units on every process, as the other recipes do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,12 +122,15 @@ class GRPOSettings:
                 raise ConfigError(f"grpo.{name} must be {wanted}, got {getattr(self, name)}")
 
     def minibatches(self, completions: int) -> int:
-        """Optimizer steps per pass over a generated batch of ``completions`` rows."""
+        """Optimizer steps per pass over a generated batch of ``completions`` rows (per
+        process). A minibatch holds whole groups, so that on any number of processes the
+        ``j``-th minibatches together hold the same groups (:func:`group_minibatch_rows`)."""
         size = self.minibatch_size or completions
-        if completions % size:
+        if completions % size or size % self.num_generations:
             raise ConfigError(
-                f"grpo.minibatch_size={size} does not divide the {completions} completions of a "
-                f"batch (batch_size x num_generations); pick a divisor"
+                f"grpo.minibatch_size={size} must divide the {completions} completions of a "
+                f"batch (batch_size x num_generations) and be a multiple of num_generations="
+                f"{self.num_generations} (whole groups); pick such a size"
             )
         return completions // size
 
@@ -143,6 +147,24 @@ class GRPOSettings:
         if self.loss_type == "bnpo":
             return 1
         return int(loss_mask.shape[0])
+
+
+def group_minibatch_rows(
+    completions: int, passes: int, minibatches: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The rows of each optimizer step over a generated batch: the batch cut into
+    ``minibatches`` consecutive parts of whole groups, taken in a fresh order each of the
+    ``passes`` (the order drawn from ``generator``, seeded alike on every process).
+
+    A process's groups are the global batch's ``k * world_size + rank``-th, in order, so its
+    ``j``-th part and every other process's ``j``-th part hold together the global batch's
+    ``j``-th part on one process: any number of processes takes the same optimizer steps. (A
+    permutation of rows, as PPO's minibatches draw, would not.)
+    """
+    parts = torch.arange(completions).chunk(minibatches)
+    for _ in range(passes):
+        for index in torch.randperm(minibatches, generator=generator).tolist():
+            yield parts[index]
 
 
 def group_advantages(
@@ -172,11 +194,14 @@ def group_advantages(
     if scale == "group":
         centred = centred / (group_std + STD_EPSILON)
     elif scale == "batch":
-        local = [rewards.numel(), float(rewards.sum()), float((rewards.double() ** 2).sum())]
-        count, total, squares = all_ranks_sums(local) if all_ranks else local
+        # two passes (the mean, then the squares about it), in double: a sum of squares less
+        # count x mean² loses every digit when the rewards sit far from 0
+        local = [rewards.numel(), float(rewards.double().sum())]
+        count, total = all_ranks_sums(local) if all_ranks else local
         mean = total / max(count, 1)
-        variance = max(squares - count * mean**2, 0.0) / max(count - 1, 1)
-        centred = centred / (variance**0.5 + STD_EPSILON)
+        local_squares = [float(((rewards.double() - mean) ** 2).sum())]
+        (squares,) = all_ranks_sums(local_squares) if all_ranks else local_squares
+        centred = centred / ((squares / max(count - 1, 1)) ** 0.5 + STD_EPSILON)
     elif scale != "none":
         raise ValueError(f"unknown reward scaling {scale!r} (group, batch or none)")
     return centred.reshape(-1), uniform

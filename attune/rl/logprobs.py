@@ -34,6 +34,17 @@ def _by_chunks(
     return torch.cat(pieces)
 
 
+def tempered(
+    output: Callable[[torch.Tensor], torch.Tensor], temperature: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An output head whose fp32 logits are divided by the sampling ``temperature``: the
+    distribution completions were sampled from, which an RL objective's ratios and KL must be
+    computed under (TRL's GRPO and PPO do the same). The head itself at temperature 1."""
+    if temperature == 1.0:
+        return output
+    return lambda hidden: output(hidden).float() / temperature
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, output: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:

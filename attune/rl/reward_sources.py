@@ -21,6 +21,8 @@ responses (special tokens left out) and ``columns`` every other column of the pr
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,7 @@ class FunctionReward:
                 f"reward function {self.name} raised {type(error).__name__}: {error} {where}; "
                 "fix the function or that row"
             ) from None
-        if isinstance(scores, torch.Tensor):
+        if hasattr(scores, "tolist"):  # a tensor or a numpy array
             scores = scores.tolist()
         if not isinstance(scores, Sequence) or len(scores) != len(completions):
             count = len(scores) if isinstance(scores, Sequence) else type(scores).__name__
@@ -108,11 +110,18 @@ class FunctionReward:
                 "completions; return one number per completion"
             )
         for row, score in enumerate(scores):
-            if isinstance(score, bool) or not isinstance(score, int | float):
-                raise RewardError(
-                    f"reward function {self.name} returned {score!r} for row {row} (prompt "
-                    f"{prompts[row]!r:.80}); return a number for every completion"
-                )
+            # numbers.Real takes numpy's scalars too; NaN and infinities would surface later as
+            # a non-finite gradient, blamed on training
+            if isinstance(score, bool) or not isinstance(score, numbers.Real):
+                problem = f"returned {score!r}"
+            elif not math.isfinite(score):
+                problem = f"returned {score}"
+            else:
+                continue
+            raise RewardError(
+                f"reward function {self.name} {problem} for row {row} (prompt "
+                f"{prompts[row]!r:.80}); return a finite number for every completion"
+            )
         scores = [float(score) for score in scores]
         return torch.tensor(scores, dtype=torch.float32, device=rollout.tokens.device) * self.scale
 

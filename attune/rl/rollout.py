@@ -16,6 +16,7 @@ import torch
 from attune.models import TransformerDecoder, generate
 from attune.precision import Precision, entered
 from attune.rl.logprobs import (
+    tempered,
     token_kl,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -58,7 +59,12 @@ class Rollout:
         """``[batch]`` tokens in each response, its stop token included."""
         return self.response_mask.sum(-1)
 
-    def select(self, rows: torch.Tensor) -> Rollout:
+    def response_ids(self) -> list[list[int]]:
+        """Each response's token ids, its stop token included, the padding after it not."""
+        lengths = self.response_lengths.tolist()
+        return [row[:length] for row, length in zip(self.responses.tolist(), lengths, strict=True)]
+
+    def select(self, rows: torch.Tensor | slice) -> Rollout:
         """The rollout of some rows (a minibatch)."""
         return Rollout(
             self.tokens[rows],
@@ -164,16 +170,19 @@ def response_logprobs(
     chunk_size: int = 1024,
     *,
     hidden: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Each response token's log-probability under ``model``, ``[batch, response_len]`` fp32
     (0 past a response's end), projected to the vocabulary only where there are response
-    tokens. ``hidden``: the model's :func:`response_hidden`, when already computed."""
+    tokens. ``hidden``: the model's :func:`response_hidden`, when already computed;
+    ``temperature``: the sampling temperature the distribution is taken at (:func:`tempered`)."""
     if hidden is None:
         hidden = response_hidden(model, rollout, precision)
     mask = rollout.response_mask
     logprobs = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    head = tempered(model.output, temperature)
     return logprobs.masked_scatter(
-        mask, token_logprobs(hidden[mask], rollout.responses[mask], model.output, chunk_size)
+        mask, token_logprobs(hidden[mask], rollout.responses[mask], head, chunk_size)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from attune import config
+from attune.errors import ConfigError
 from attune.training.metrics import METRIC_LOGGER
 from attune.training.optim import OPTIMIZER
 
@@ -61,11 +62,14 @@ SAMPLING_KEYS = {
 def sampling_options(cfg: Any, temperature: float) -> dict[str, Any]:
     """The sampling settings a config gives (:data:`SAMPLING_KEYS` but the length), as keyword
     arguments of :func:`attune.models.generate`; ``temperature`` when the config has none."""
-    return {
-        "temperature": cfg.get("temperature", temperature),
-        "top_k": cfg.get("top_k"),
-        "top_p": cfg.get("top_p"),
-    }
+    top_p = cfg.get("top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(
+            f"top_p={top_p} must be in (0, 1]: the share of probability mass sampled from "
+            "(null: all of it)"
+        )
+    return {"temperature": cfg.get("temperature", temperature), "top_k": cfg.get("top_k"),
+            "top_p": top_p}  # fmt: skip
 
 
 VALIDATION_KEYS = {

@@ -54,11 +54,16 @@ def test_grpo_on_two_processes_gives_the_losses_of_one(tmp_path, tiny_cache, dyn
     whose rewards are all equal are dropped and more prompts drawn, in the global order."""
     common = ("max_steps=2", "grpo.num_iterations=2", f"grpo.dynamic_sampling={dynamic}",
               *QUIET)  # fmt: skip
+    # without dynamic sampling, two optimizer steps per pass (minibatch_size is per process)
+    # and a temperature below 1 (the ratios are taken at it)
+    one_extra, two_extra = (((), ()) if dynamic else
+                            (("grpo.minibatch_size=16", "temperature=0.8"),
+                             ("grpo.minibatch_size=8", "temperature=0.8")))  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     train("grpo_full_finetune_single_device", "tiny/grpo", f"output_dir={one}", "batch_size=4",
-          *common, env=tiny_cache)  # fmt: skip
+          *common, *one_extra, env=tiny_cache)  # fmt: skip
     train("grpo_full_finetune_distributed", "tiny/grpo", f"output_dir={two}", "batch_size=2",
-          *common, env=tiny_cache, launcher=("--nproc_per_node", "2"))  # fmt: skip
+          *common, *two_extra, env=tiny_cache, launcher=("--nproc_per_node", "2"))  # fmt: skip
     runs = [grpo_records(one), grpo_records(two)]
     assert len(runs[0]) == 2
     for name in COMPARED:
@@ -88,7 +93,10 @@ def test_lora_grpo_writes_a_peft_adapter_and_weighs_the_kl_to_its_base(tmp_path,
     [
         ("grpo.num_generations=1", "grpo.num_generations must be at least 2"),
         ("grpo.epsilon_high=0.1", "grpo.epsilon_high must be >= epsilon_low (0.2)"),
-        ("grpo.minibatch_size=5", "grpo.minibatch_size=5 does not divide the 64 completions"),
+        ("grpo.minibatch_size=5", "grpo.minibatch_size=5 must divide the 64 completions"),
+        ("temperature=0", "temperature=0 samples every completion of a group alike"),
+        ("top_p=0", "top_p=0 must be in (0, 1]"),
+        ("grpo.overlong_buffer=20", "grpo.overlong_buffer=20 is longer than max_new_tokens=12"),
         ("reference_model=null", "grpo.beta=0.04 weighs the KL to a reference, but "
          "reference_model is null"),
         ("reward.function._component_=attune.rl.math_answer_reward",

@@ -169,8 +169,34 @@ def test_bad_settings_are_named(settings, message):
 def test_dr_grpo_does_not_scale_by_the_std_and_minibatches_must_divide():
     assert rl.GRPOSettings(loss_type="dr_grpo").scale_rewards == "none"
     assert rl.GRPOSettings(loss_type="grpo").scale_rewards == "group"
-    with pytest.raises(ConfigError, match="minibatch_size=5 does not divide the 16"):
+    with pytest.raises(ConfigError, match="minibatch_size=5 must divide the 16"):
         rl.GRPOSettings(minibatch_size=5).minibatches(16)
+    # whole groups per minibatch: 4 completions of groups of 8 would split a group
+    with pytest.raises(ConfigError, match="multiple of num_generations=8"):
+        rl.GRPOSettings(minibatch_size=4).minibatches(16)
+    assert rl.GRPOSettings(minibatch_size=8).minibatches(16) == 2
+
+
+def test_minibatches_hold_the_same_groups_on_any_number_of_processes():
+    """Process r holds the global batch's groups k * world + r; its j-th minibatch and the
+    others' together are one process's j-th minibatch, in the same order of steps."""
+    generations, groups, minibatches = 2, 8, 2
+
+    def steps(completions):
+        generator = torch.Generator().manual_seed(3)
+        return list(rl.group_minibatch_rows(completions, 2, minibatches, generator))
+
+    world = 2
+    one = steps(groups * generations)
+    per_rank = [steps(groups * generations // world) for _ in range(world)]
+
+    def global_groups(rows, rank):  # a local row's global group
+        return {(row // generations) * world + rank for row in rows.tolist()}
+
+    for step, rows in enumerate(one):
+        together = set().union(*(global_groups(per_rank[r][step], r) for r in range(world)))
+        assert together == {row // generations for row in rows.tolist()}, step
+    assert len(one) == 4  # two passes of two minibatches
 
 
 def _group(order, rewards):
@@ -181,10 +207,10 @@ def test_dynamic_sampling_keeps_the_first_varied_groups_in_global_order():
     groups = [_group((1, 0), [1, 1]), _group((1, 1), [0, 1]), _group((2, 0), [1, 0]),
               _group((1, 2), [0, 0]), _group((2, 1), [0, 1])]  # fmt: skip
     chosen, dropped, filled = rl.batch_groups(groups, groups_per_process=2, rank=0, world_size=1)
-    assert [g.order for g in chosen] == [(1, 1), (2, 0)] and (dropped, filled) == (2, 0)
+    assert [g.order for g in chosen] == [(1, 1), (2, 0)] and (dropped, filled) == (3, 0)
     # short of varied groups: the earliest unvaried ones fill the batch, in order
     chosen, dropped, filled = rl.batch_groups(groups[:2], 2, 0, 1)
-    assert [g.order for g in chosen] == [(1, 0), (1, 1)] and (dropped, filled) == (1, 1)
+    assert [g.order for g in chosen] == [(1, 0), (1, 1)] and (dropped, filled) == (0, 1)
 
 
 def test_a_completion_samples_alike_in_any_batch(tmp_path):
@@ -270,3 +296,40 @@ def test_format_reward_matches_the_whole_completion():
     ]
     with pytest.raises(ConfigError, match="is not a regex"):
         rl.format_reward([""], ["x"], pattern="(")
+
+
+def test_batch_scaling_is_exact_far_from_zero():
+    """The batch's standard deviation from the squares about its mean: rewards offset by 1000
+    give the advantages of the same rewards about 0 (a sum of squares less count x mean²
+    would lose every digit in fp32)."""
+    rewards = torch.tensor([0.0, 0.05, 0.1, 0.02, -0.03, 0.07, 0.01, 0.04])
+    near, _ = rl.group_advantages(rewards, 4, "batch")
+    far, _ = rl.group_advantages(rewards + 1000.0, 4, "batch")
+    assert torch.allclose(near, far, atol=2e-3), (near, far)
+
+
+def test_log_probabilities_are_taken_at_the_sampling_temperature():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden, targets = torch.randn(5, 8), torch.randint(0, 11, (5,))
+    for temperature in (1.0, 0.7):
+        got = rl.token_logprobs(hidden, targets, rl.tempered(head, temperature))
+        expected = (head(hidden) / temperature).log_softmax(-1).gather(-1, targets[:, None])
+        assert torch.allclose(got, expected.squeeze(-1), atol=1e-6)
+
+
+def test_a_reward_function_returning_nan_or_numpy_is_judged_by_its_values():
+    numpy = pytest.importorskip("numpy")
+    rollout = rl.Rollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+                         1, torch.ones(2, 2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))  # fmt: skip
+
+    def as_numpy(prompts, completions, **_):
+        return numpy.array([0.5, 1.0], dtype=numpy.float32)
+
+    def with_nan(prompts, completions, **_):
+        return [0.5, float("nan")]
+
+    scores = rl.FunctionReward(as_numpy)(rollout, ["a", "b"], ["x", "y"], [{}, {}])
+    assert scores.tolist() == [0.5, 1.0]
+    with pytest.raises(RewardError, match="with_nan returned nan for row 1"):
+        rl.FunctionReward(with_nan)(rollout, ["a", "b"], ["x", "y"], [{}, {}])
