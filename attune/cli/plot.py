@@ -38,7 +38,15 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.parent and not output.parent.is_dir():
         raise AttuneError(f"tune plot: --output {output}: no folder {output.parent}")
-    if plots.draw(runs, output) is None:
+    if output.is_dir() or not output.name:
+        raise AttuneError(f"tune plot: --output {output} is a folder; give a file name (a.png)")
+    try:
+        drawn = plots.draw(runs, output)
+    except OSError as error:  # not writable, a full disk
+        raise AttuneError(
+            f"tune plot: cannot write {output}: {error.strerror or error}; choose another --output"
+        ) from None
+    if drawn is None:
         raise AttuneError(
             f"tune plot: {', '.join(args.runs)}: no loss, learning rate or other curve in "
             f"their {plots.METRICS_FILE}"

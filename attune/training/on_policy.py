@@ -159,7 +159,8 @@ class OnPolicy:
             pick = torch.rand((), generator=source).item()
             sampling_seed = int(torch.randint(2**62, (), generator=source))
             trained = [t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
-            if pick < self.lmbda and trained:
+            # a row trained from its first token has no prompt to complete: it stays as it is
+            if pick < self.lmbda and trained and trained[0] > 0:
                 chosen.append(i)
                 prompts.append(row["tokens"][: trained[0]])
                 generators.append(torch.Generator(device).manual_seed(sampling_seed))

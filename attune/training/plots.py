@@ -60,8 +60,12 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
         raise AttuneError(
             f"{folder}: no {METRICS_FILE} here; give the output_dir of a training run"
         )
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise AttuneError(f"{path}: cannot be read ({error.strerror or error})") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -48,11 +48,11 @@ METRIC_LOGGER = Expects(
 FINISHED, FAILED, KILLED = "finished", "failed", "killed"
 
 
-def _require(logger: str, package: str, extra: str, module: str | None = None) -> None:
-    """Raise a ConfigError naming the ``pip install`` when ``module`` (the package) is not
-    installed; nothing is imported (trackers are opened later, on rank 0 only)."""
+def _require(logger: str, package: str, extra: str) -> None:
+    """Raise a ConfigError naming the ``pip install`` when ``package`` is not installed;
+    nothing is imported (trackers are opened later, on rank 0 only)."""
     try:
-        found = importlib.util.find_spec(module or package) is not None
+        found = importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         found = False
     if not found:
@@ -86,7 +86,8 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str):
-        _require("TensorBoardLogger", "tensorboard", "tensorboard", "torch.utils.tensorboard")
+        # torch ships torch.utils.tensorboard whether or not the package it imports is there
+        _require("TensorBoardLogger", "tensorboard", "tensorboard")
         self.log_dir = log_dir
         self.writer: Any = None
 
@@ -147,7 +148,8 @@ class WandbLogger:
         import wandb
 
         kwargs = dict(self.init_kwargs)
-        run_id = (resumed or {}).get("id") or kwargs.pop("id", None) or secrets.token_hex(6)
+        chosen = kwargs.pop("id", None)  # the user's id, unless a checkpoint has the run's
+        run_id = (resumed or {}).get("id") or chosen or secrets.token_hex(6)
         kwargs.pop("resume", None)
         if resumed is None:
             kwargs["config"] = {**dict(hyperparameters), **kwargs.get("config", {})}
@@ -207,7 +209,7 @@ class MLflowLogger:
         tracking_uri: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        _require("MLflowLogger", "mlflow", "mlflow", "mlflow.tracking")
+        _require("MLflowLogger", "mlflow", "mlflow")
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.tracking_uri = tracking_uri
@@ -254,15 +256,19 @@ class MLflowLogger:
             self.start({}, None)
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        # a server lost mid-run costs seconds, not MLflow's minutes of retries (the other
+        # ranks wait on rank 0's step meanwhile)
+        with _quick_http():
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def state(self) -> dict[str, Any]:
         return {"run_id": self.run_id} if self.run_id is not None else {}
 
     def end(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:
-            self.client.set_terminated(self.run_id, status.upper())
-            self.client = None
+            client, self.client = self.client, None
+            with _quick_http():
+                client.set_terminated(self.run_id, status.upper())
 
     def close(self) -> None:
         self.end(FINISHED)
@@ -397,9 +403,14 @@ class Trackers:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps so that a resume continues the same runs."""
-        return {
-            name: dict(logger.state()) for name, logger in self.loggers if hasattr(logger, "state")
-        }
+        states: dict[str, Any] = {}
+
+        def state(name: str, logger: Any) -> None:
+            if hasattr(logger, "state"):
+                states[name] = dict(logger.state())
+
+        self._each("keep its state", state)  # one that fails is dropped: the checkpoint is not
+        return states
 
     def close(self, error: BaseException | None = None) -> None:
         """Close every tracker, telling it how the run ended: ``error`` is None at a normal

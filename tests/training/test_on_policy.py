@@ -116,3 +116,14 @@ def test_a_packed_dataset_is_refused_with_a_share():
     with pytest.raises(ConfigError, match="dataset is packed"):
         OnPolicy(lmbda=0.5).check_dataset(Packed())
     OnPolicy(lmbda=0.0).check_dataset(Packed())
+
+
+def test_a_row_trained_from_its_first_token_is_left_as_it_is(student):
+    """No untrained prefix (train_on_input, text completion): nothing to prompt the student
+    with, so the row keeps its own tokens and is not counted as generated."""
+    data = examples(2)
+    data[0] = {"tokens": data[0]["tokens"], "labels": list(data[0]["tokens"])}
+    out = rows_of(on_policy(lmbda=1.0, batch_size=2)(student, [pad_collate(data, PAD)], 1)[0])
+    tokens, labels, generated = out[0]
+    assert not generated and tokens == data[0]["tokens"] and labels == data[0]["tokens"]
+    assert out[1][2]  # the other row is still the student's

@@ -83,6 +83,9 @@ def test_tune_plot_on_a_folder_without_metrics_is_one_line(tmp_path, tune, monke
     code, _, err = tune("plot", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png"))
     assert code == 1
     assert_one_line_error(err, "no loss, learning rate or other curve")
+    code, _, err = tune("plot", str(write_metrics(tmp_path / "run")), "-o", str(tmp_path))
+    assert code == 1
+    assert_one_line_error(err, "is a folder; give a file name")
 
     monkeypatch.setattr(plots, "available", lambda: False)
     code, _, err = tune("plot", str(write_metrics(tmp_path / "run")))

@@ -151,9 +151,11 @@ def test_tensorboard_holds_the_steps_and_values_of_metrics_jsonl_across_a_resume
 
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_it(tmp_path):
     pytest.importorskip("wandb")
-    logger = lambda: [("wandb", WandbLogger("attune", mode="offline", dir=str(tmp_path)))]  # noqa: E731
+    # an id of the user's own: the resume continues it (not a second id for wandb.init)
+    logger = lambda: [("wandb", WandbLogger("attune", mode="offline", dir=str(tmp_path),  # noqa: E731
+                                            id="myrun"))]  # fmt: skip
     state = log_steps(tmp_path, logger(), STEPS[:2])
-    assert state == {"wandb": {"id": state["wandb"]["id"]}}
+    assert state == {"wandb": {"id": "myrun"}}
     log_steps(tmp_path, logger(), STEPS[2:], resumed=state)
     runs = wandb_runs(tmp_path)
     assert [run_id for run_id, _, _ in runs] == [state["wandb"]["id"]] * 2  # the same run
@@ -234,9 +236,8 @@ def test_an_unreachable_mlflow_server_is_one_line_and_the_others_go_on(tmp_path,
 def test_a_tracker_whose_package_is_missing_says_what_to_install(
     monkeypatch, logger, module, extra
 ):
-    for name in (module, "torch.utils.tensorboard", "mlflow.tracking"):
-        if name.startswith(module) or module in name:
-            monkeypatch.setitem(sys.modules, name, None)
+    # the package itself missing (torch.utils.tensorboard is there either way: torch ships it)
+    monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ConfigError, match=rf'pip install "attune\[{extra}\]"'):
         logger()
 
