@@ -233,7 +233,10 @@ class TrainingLoop:
             resume_step=self.step if self.resumed else None,
             enabled=self.run.is_main,
         )
-        self.trackers.start(self._trackers_resumed if self.resumed else None)
+        self.trackers.start(
+            self._trackers_resumed if self.resumed else None,
+            resume_step=self.step if self.resumed else None,
+        )
         self._window_start = self._loop_start = time.perf_counter()
         self.model.train()
         for companion in self.companions.values():

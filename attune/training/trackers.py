@@ -96,7 +96,12 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=self.log_dir)
+        # after a crash past the checkpoint, the steps the resume redoes are written again:
+        # TensorBoard drops the earlier values of those steps when given where they start
+        resume_step = (resumed or {}).get("resume_step")
+        self.writer = SummaryWriter(
+            log_dir=self.log_dir, purge_step=None if resume_step is None else resume_step + 1
+        )
         if resumed is None and hyperparameters:
             for summary in hparams(flat_hyperparameters(hyperparameters), {}):
                 self.writer.file_writer.add_summary(summary)
@@ -371,9 +376,13 @@ class Trackers:
                     f"{_first_line(error)}{going_on}"
                 )
 
-    def start(self, resumed: Mapping[str, Any] | None = None) -> None:
+    def start(
+        self, resumed: Mapping[str, Any] | None = None, resume_step: int | None = None
+    ) -> None:
         """Open each tracker's run; ``resumed``: what :meth:`state` gave when the checkpoint a
-        resume starts from was saved (None for a fresh run). Once; later calls do nothing."""
+        resume starts from was saved (None for a fresh run), and ``resume_step`` that
+        checkpoint's step (a tracker that can drops what it holds after it: the steps the
+        resume redoes). Once; later calls do nothing."""
         if self.started:
             return
         self.started = True
@@ -381,6 +390,8 @@ class Trackers:
         def start(name: str, logger: Any) -> None:
             if hasattr(logger, "start"):
                 was = None if resumed is None or name not in resumed else dict(resumed[name])
+                if was is not None and resume_step is not None:
+                    was["resume_step"] = resume_step
                 logger.start(self.hyperparameters, was)
 
         self._each("start", start)

@@ -51,7 +51,7 @@ def log_steps(folder: Path, loggers, records, resumed=None) -> dict:
     the trackers' state (what a checkpoint keeps)."""
     writer = MetricsWriter(folder, total_steps=4, resume_step=resumed and 2, progress=False)
     trackers = Trackers(loggers, CONFIG)
-    trackers.start(resumed)
+    trackers.start(resumed, resume_step=resumed and 2)
     for record in records:
         writer.log(record)
         trackers.log(record, record["step"])
@@ -147,6 +147,19 @@ def test_tensorboard_holds_the_steps_and_values_of_metrics_jsonl_across_a_resume
     events.Reload()
     text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "lr: 0.001" in text  # the config, once
+
+
+def test_tensorboard_drops_the_values_of_the_steps_a_resume_redoes(tmp_path):
+    """A crash after step 3, the checkpoint at step 2: the resumed run writes step 3 again,
+    and TensorBoard, as metrics.jsonl, holds the second value only."""
+    logger = lambda: [("tb", TensorBoardLogger(str(tmp_path / "tb")))]  # noqa: E731
+    state = log_steps(tmp_path, logger(), STEPS[:3])
+    log_steps(tmp_path, logger(), [{**STEPS[2], "loss": 1.4}, STEPS[3]], resumed=state)
+    expected = [(1, 2.5), (2, 2.0), (3, 1.4), (4, 1.25)]
+    assert jsonl_series(tmp_path)["loss"] == expected
+    got = tensorboard_series(tmp_path / "tb")["loss"]
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    assert [value for _, value in got] == pytest.approx([value for _, value in expected])
 
 
 def test_wandb_offline_run_holds_metrics_jsonl_and_a_resume_continues_it(tmp_path):
