@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from attune.config import parse
 from attune.cpu import bf16_notice
 from attune.distributed import World, init_world, shutdown
-from attune.errors import ConfigError
+from attune.errors import ConfigError, RunStopped
 from attune.training.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 
 CONFIG_FILE = "config.yaml"
@@ -98,6 +100,7 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
     world = init_world(device_type)
     run: Run | None = None
     ending: BaseException | None = None
+    stopping = _StopOutsideTheSteps()
     try:
         run = Run(
             device=resolve_device(requested, world.local_rank),
@@ -130,7 +133,36 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
             if run is not None:
                 run.exit(ending)
         finally:
+            stopping.close()
             shutdown(world)
+
+
+class _StopOutsideTheSteps:
+    """SIGTERM outside the training steps (setting up, the final save and evaluation), where
+    the loop's :class:`~attune.training.interrupt.StopSignals` is not listening, stops the run
+    as SIGINT does (an exception, so the trackers are closed as killed and partial writes are
+    undone) instead of killing the process on the spot. The loop installs its own handler over
+    this one while it runs steps. Main thread only; :meth:`close` puts the previous back."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        print(
+            "stopped by SIGTERM outside the training steps (setting up or finishing); "
+            "resume_from_checkpoint=true continues from the latest complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise RunStopped(128 + signum)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def recipe(schema: Mapping[str, Any]) -> Callable[[Callable[[DictConfig, Run], Any]], Any]:

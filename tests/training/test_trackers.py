@@ -296,3 +296,40 @@ def test_a_run_closes_its_trackers_however_it_ends(tmp_path, ending):
         if ending is not None:
             raise ending
     assert tracker.calls == [(1, {"loss": 1.0}), "closed"]
+
+
+def test_sigterm_outside_the_training_steps_still_closes_the_trackers(tmp_path, capsys):
+    """A SIGTERM while setting up or finishing (no loop listening) stops the run with an
+    exception, so its trackers are closed as killed, instead of killing the process."""
+    import os
+    import signal
+
+    from omegaconf import OmegaConf
+
+    from attune.errors import RunStopped
+    from attune.training import start_run
+
+    statuses = []
+
+    class Recording:
+        def log(self, metrics, step):
+            pass
+
+        def end(self, status):
+            statuses.append(status)
+
+        def close(self):
+            self.end("finished")
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = OmegaConf.create({"output_dir": str(tmp_path), "device": "cpu"})
+    with pytest.raises(RunStopped) as stopped, start_run(cfg) as run:
+        trackers = Trackers([("t", Recording())], CONFIG)
+        run.at_exit(trackers.close)
+        trackers.log({"loss": 1.0}, 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert statuses == ["killed"]
+    assert "stopped by SIGTERM outside the training steps" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # put back when the run ends
