@@ -257,6 +257,13 @@ class TrainingLoop:
                     if self.step >= self.total_steps or self.stopping:
                         return
                 self.stream.set_epoch(self.stream.epoch + 1)
+            # only steps that drew more data (more_batches) end the epochs this early
+            if self.step < self.total_steps:
+                self.run.print(
+                    f"the data ran out at step {self.step} of {self.total_steps}: steps that "
+                    "drew more than one batch (dynamic sampling) used it up sooner; raise epochs "
+                    "or lower max_steps to train every step planned"
+                )
 
     def more_batches(self) -> list[dict[str, torch.Tensor]] | None:
         """Inside a step: the next step's worth of micro-batches drawn into this one (DAPO's

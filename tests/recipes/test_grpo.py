@@ -110,3 +110,16 @@ def test_bad_grpo_settings_are_one_line(tmp_path, tiny_cache, override, message)
         f"output_dir={tmp_path}", override, *extra, env=tiny_cache,
     )  # fmt: skip
     assert message in the_error(result)
+
+
+def test_dynamic_sampling_that_uses_the_data_up_early_says_so(tmp_path, tiny_cache):
+    """Steps that draw more prompts end the epoch before the planned steps: one line says so
+    (the schedule was planned for more)."""
+    result = train(
+        "grpo_full_finetune_single_device", "tiny/grpo", f"output_dir={tmp_path}",
+        "max_steps=null", "dataset.split=test", "grpo.dynamic_sampling=true",
+        "checkpointer.save_every_n_steps=null", *QUIET, env=tiny_cache,
+    )  # fmt: skip
+    steps = grpo_records(tmp_path)
+    assert steps[-1]["step"] < 25  # 200 prompts, 8 a step
+    assert f"the data ran out at step {steps[-1]['step']} of 25" in result.stdout
