@@ -179,7 +179,9 @@ class LoRALinear(nn.Module):
         if not self.adapter_enabled:
             return base if self.bias is None else base + self.bias
         adapter_input = self.lora_dropout(x)
-        update = self.lora_B(self.lora_A(adapter_input)) * self.scaling
+        # scaled on the rank-r side: the same update, r values a position multiplied instead of
+        # out_features (a [tokens, out] elementwise pass saved per projection)
+        update = self.lora_B(self.lora_A(adapter_input) * self.scaling)
         if self.lora_magnitude_vector is None:
             out = base + update
         else:
