@@ -59,9 +59,9 @@ def test_padding_documents_give_zeros_and_mixed_padding_falls_back_to_the_mask()
     from attune.models.masks import DocumentSpans
 
     generator = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 2, 6, 4, generator=generator)
-    k = torch.randn(1, 2, 6, 4, generator=generator)
-    v = torch.randn(1, 2, 6, 4, generator=generator)
+    q = torch.randn(1, 2, 6, 4, generator=generator, requires_grad=True)
+    k = torch.randn(1, 2, 6, 4, generator=generator, requires_grad=True)
+    v = torch.randn(1, 2, 6, 4, generator=generator, requires_grad=True)
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
     padding_mask = torch.tensor([[True, True, True, True, True, False]])
     spans = DocumentSpans.from_document_ids(document_ids, padding_mask)
@@ -72,6 +72,9 @@ def test_padding_documents_give_zeros_and_mixed_padding_falls_back_to_the_mask()
         q[:, :, 3:5], k[:, :, 3:5], v[:, :, 3:5], is_causal=True, scale=0.5
     )
     assert (out[:, :, 3:5] - expected).abs().max().item() < 1e-6
+    # the padding document's inputs get zero gradients, the others their documents' own
+    for grad in torch.autograd.grad(out.square().sum(), (q, k, v)):
+        assert grad[0, :, 5].abs().sum() == 0 and grad[0, :, :5].abs().sum() > 0
     # padding inside a document: only the mask says what that means
     mixed = torch.tensor([[True, True, False, True, True, True]])
     assert DocumentSpans.from_document_ids(document_ids, mixed) is None
