@@ -104,6 +104,56 @@ def _nf4(weight: torch.Tensor) -> torch.Tensor:
     return ao.to_nf4(weight, block, scaler_block)
 
 
+class _LowRankAdaptedLinear(torch.autograd.Function):
+    """``x W^T + s (a A^T) B^T`` for a frozen ``W``, with the adapters' skinny products laid out
+    the way the CPU's GEMMs run fast.
+
+    Autograd's own backward of ``B (A a)`` takes ``B``'s gradient as ``g^T @ low`` and the rank-r
+    input gradient as ``g @ B``: on a CPU these ``[out, tokens] x [tokens, r]`` products run
+    several times slower than the same products transposed (measured at the anchors' model's
+    shapes: 8.7 ms against 1.0 ms for a 1,408-wide projection over 2,048 tokens). Here they are
+    computed transposed, and the frozen output and the update, and the two input gradients
+    when ``a`` is ``x``, are summed by an in-place ``addmm_``.
+
+    Shapes: ``x``, ``a`` ``[tokens, in]``; ``W`` ``[out, in]``; ``A`` ``[r, in]``; ``B``
+    ``[out, r]`` -> ``[tokens, out]``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        adapter_input: torch.Tensor,
+        weight: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        low = (adapter_input @ lora_a.t()) * scaling
+        ctx.same_input = adapter_input is x
+        ctx.scaling = scaling
+        ctx.save_for_backward(adapter_input, weight, lora_a, lora_b, low)
+        # in place: addmm would first copy the fresh [tokens, out] product into its result
+        return (x @ weight.t()).addmm_(low, lora_b.t())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        adapter_input, weight, lora_a, lora_b, low = ctx.saved_tensors
+        grad_b = (low.t() @ grad).t()
+        grad_low = (lora_b.t() @ grad.t()).t() * ctx.scaling  # [tokens, r]
+        grad_a = grad_low.t() @ adapter_input
+        grad_x = grad_adapter_input = None
+        if ctx.same_input:
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ weight).addmm_(grad_low, lora_a)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weight
+            if ctx.needs_input_grad[1]:
+                grad_adapter_input = grad_low @ lora_a
+        return grad_x, grad_adapter_input, None, grad_a, grad_b, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
@@ -168,6 +218,21 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight_fake_quantizer(self.weight))
         return F.linear(x, self.weight)
 
+    def _plain_lora(self, x: torch.Tensor) -> bool:
+        """Whether the fused path computes this layer: LoRA on a plain frozen weight, outside
+        autocast, with nothing hooked on the adapters (DoRA, QLoRA and QAT take the modules)."""
+        return (
+            self.lora_magnitude_vector is None
+            and not self.quantized
+            and self.weight_fake_quantizer is None
+            and not self.weight.requires_grad
+            and type(self.lora_A) is nn.Linear
+            and type(self.lora_B) is nn.Linear
+            and not (self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks)
+            and not (self.lora_B._forward_hooks or self.lora_B._forward_pre_hooks)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def delta_weight(self) -> torch.Tensor:
         """``s * B A``: ``[out_features, in_features]``."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
@@ -175,6 +240,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_fake_quantizer is not None:
             x = self.activation_fake_quantizer(x)
+        if self.adapter_enabled and self._plain_lora(x):
+            adapter_input = self.lora_dropout(x)
+            flat = x.reshape(-1, self.in_features)
+            out = _LowRankAdaptedLinear.apply(
+                flat,
+                flat if adapter_input is x else adapter_input.reshape(-1, self.in_features),
+                self.weight,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scaling,
+            ).view(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         base = self._base(x)
         if not self.adapter_enabled:
             return base if self.bias is None else base + self.bias

@@ -154,3 +154,38 @@ def test_merging_a_state_dict_equals_merging_the_modules(checkpoint, case):
     assert from_modules.keys() == from_state.keys()
     for name, tensor in from_modules.items():
         assert (tensor - from_state[name]).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_lora_path_equals_the_modules_composition(dropout, bias):
+    from attune.peft.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 20, bias=bias), rank=4, alpha=8, dropout=dropout)
+    torch.nn.init.normal_(layer.lora_B.weight)  # B starts at zero: make the update count
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    assert layer._plain_lora(x)
+
+    def composed(x: torch.Tensor) -> torch.Tensor:  # what the module computed before fusing
+        adapter_input = layer.lora_dropout(x)
+        update = layer.lora_B(layer.lora_A(adapter_input)) * layer.scaling
+        out = torch.nn.functional.linear(x, layer.weight) + update
+        return out if layer.bias is None else out + layer.bias
+
+    results = []
+    for forward in (layer, composed):
+        torch.manual_seed(1)  # the same dropout mask
+        out = forward(x)
+        grads = torch.autograd.grad(
+            out.square().sum(), (x, layer.lora_A.weight, layer.lora_B.weight)
+        )
+        results.append((out, *grads))
+    for fused, expected in zip(*results, strict=True):
+        assert fused.shape == expected.shape
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+    # a frozen input (the first layer's, under LoRA) gets no gradient and needs none
+    frozen = torch.randn(2, 12)
+    out = layer(frozen)
+    (grad_a,) = torch.autograd.grad(out.sum(), (layer.lora_A.weight,))
+    assert grad_a.abs().sum() > 0
