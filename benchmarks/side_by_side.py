@@ -168,7 +168,7 @@ def drop_prompts_that_fill(work: Path, max_len: int) -> None:
     print(f"dropped {keep.count(False)} rows whose prompt fills {max_len} tokens", flush=True)
 
 
-def run_anchors(work: Path, ids: list[str], reps: int) -> dict[str, list[dict]]:
+def run_anchors(work: Path, ids: list[str], reps: int, steps: int = STEPS) -> dict[str, list[dict]]:
     """The anchors' runs (the shared script), as each run's metrics.json, by config id."""
     prepare_anchor_inputs(work)
     env = {
@@ -176,7 +176,7 @@ def run_anchors(work: Path, ids: list[str], reps: int) -> dict[str, list[dict]]:
         "ANCHORS_VENV": str(anchors_venv()),
         "ANCHORS_WORK": str(work),
         "ANCHORS_REPS": str(reps),
-        "ANCHORS_STEPS": str(STEPS),
+        "ANCHORS_STEPS": str(steps),
         "ANCHORS_CONFIGS": " ".join(ids),
         "ANCHORS_FRESH": "1",
     }
@@ -195,7 +195,9 @@ def run_anchors(work: Path, ids: list[str], reps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def run_attune(work: Path, names: list[str], reps: int) -> dict[str, list[dict]]:
+def run_attune(
+    work: Path, names: list[str], reps: int, steps: int = STEPS
+) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -206,7 +208,7 @@ def run_attune(work: Path, names: list[str], reps: int) -> dict[str, list[dict]]
                 recipe = f"{method}_finetune_single_device"
                 try:
                     figures = run_and_measure(
-                        recipe, str(configs[method]), overrides, STEPS, WARMUP
+                        recipe, str(configs[method]), overrides, steps, WARMUP
                     )
                 except RuntimeError as error:  # one failed setting leaves the others' figures
                     print(f"attune_{name} failed: {error}", flush=True)
@@ -264,12 +266,17 @@ def best(table: dict[str, dict[str, float]], prefix: str, method: str) -> tuple[
     return max(chosen, key=lambda item: item[1]["tokens_per_second"], default=None)
 
 
-def report(table: dict[str, dict[str, float]], reps: int, figures: dict | None = None) -> str:
+def report(
+    table: dict[str, dict[str, float]],
+    reps: int,
+    figures: dict | None = None,
+    steps: int = STEPS,
+) -> str:
     """The Markdown tables; with ``figures`` (:func:`machine`'s, plus ``left_out``), the CPU's
     flags and peaks in the header and an MFU column."""
     lines = [
         f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {STEPS} steps (first {WARMUP} excluded), medians of {reps}.",
+        f"{os.cpu_count()} CPUs, {steps} steps (first {WARMUP} excluded), medians of {reps}.",
     ]
     if figures is not None:
         peaks = figures["peaks"]
@@ -285,7 +292,7 @@ def report(table: dict[str, dict[str, float]], reps: int, figures: dict | None =
             )
     lines += [
         "",
-        "| config | tokens/s | MFU | step s | peak RSS GB | loss @60 |",
+        f"| config | tokens/s | MFU | step s | peak RSS GB | loss @{steps} |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(table.items()):
@@ -326,6 +333,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
     parser.add_argument("--bf16", action="store_true", help="run bf16 settings on any CPU")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps a run")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="per dtype, for MFU")
     args = parser.parse_args()
     attune, anchors, left_out = select_settings(args.attune, args.anchors, args.bf16)
@@ -335,16 +343,16 @@ def main() -> None:
             "or AMX), bf16 is emulated and each run would take hours (--bf16 keeps them)",
             flush=True,
         )
-    runs = run_anchors(args.work, anchors, args.reps) if anchors else {}
+    runs = run_anchors(args.work, anchors, args.reps, args.steps) if anchors else {}
     if not (args.work / "model" / "model.safetensors").is_file():
         raise SystemExit(f"no anchor model in {args.work}: run with some --anchors first")
-    runs.update(run_attune(args.work, attune, args.reps))
+    runs.update(run_attune(args.work, attune, args.reps, args.steps))
     table = medians(runs)
     # measured after the runs, alone on the machine, as the runs were
     figures = {**machine(args.work, args.peak_seconds), "left_out": left_out}
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": figures, "configs": table}, indent=1) + "\n")
-    print(report(table, args.reps, figures))
+    print(report(table, args.reps, figures, args.steps))
 
 
 if __name__ == "__main__":

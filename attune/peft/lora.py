@@ -115,6 +115,9 @@ class _LowRankAdaptedLinear(torch.autograd.Function):
     computed transposed, and the frozen output and the update, and the two input gradients
     when ``a`` is ``x``, are summed by an in-place ``addmm_``.
 
+    ``a`` is None when it is ``x`` (no dropout): the same tensor passed twice would stop
+    ``torch.compile`` tracing the function (a graph break around every adapted projection).
+
     Shapes: ``x``, ``a`` ``[tokens, in]``; ``W`` ``[out, in]``; ``A`` ``[r, in]``; ``B``
     ``[out, r]`` -> ``[tokens, out]``.
     """
@@ -123,14 +126,16 @@ class _LowRankAdaptedLinear(torch.autograd.Function):
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        adapter_input: torch.Tensor,
+        adapter_input: torch.Tensor | None,
         weight: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
     ) -> torch.Tensor:
+        ctx.same_input = adapter_input is None
+        if adapter_input is None:
+            adapter_input = x
         low = (adapter_input @ lora_a.t()) * scaling
-        ctx.same_input = adapter_input is x
         ctx.scaling = scaling
         ctx.save_for_backward(adapter_input, weight, lora_a, lora_b, low)
         # in place: addmm would first copy the fresh [tokens, out] product into its result
@@ -245,7 +250,7 @@ class LoRALinear(nn.Module):
             flat = x.reshape(-1, self.in_features)
             out = _LowRankAdaptedLinear.apply(
                 flat,
-                flat if adapter_input is x else adapter_input.reshape(-1, self.in_features),
+                None if adapter_input is x else adapter_input.reshape(-1, self.in_features),
                 self.weight,
                 self.lora_A.weight,
                 self.lora_B.weight,

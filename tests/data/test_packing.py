@@ -6,18 +6,43 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from attune.data import IGNORE_INDEX, PackingSampler, instruct_dataset
-from attune.data.packing import greedy_packs
+from attune.data.packing import best_fit_packs
 from attune.models import DecoderConfig, TransformerDecoder
 from attune.models.masks import positions_from_document_ids
 from tests.data.conftest import ALPACA, write_jsonl
 
 
-def test_greedy_packs_keep_the_order_and_never_split_an_example():
+def test_one_open_pack_is_greedy_packing_in_order_and_no_example_is_split():
     lengths = [4, 3, 5, 2, 6, 1]
-    assert greedy_packs(range(6), lengths, 8) == [[0, 1], [2, 3], [4, 5]]
-    assert greedy_packs([5, 4, 3, 2, 1, 0], lengths, 8) == [[5, 4], [3, 2], [1, 0]]
+    assert best_fit_packs(range(6), lengths, 8, open_packs=1) == [[0, 1], [2, 3], [4, 5]]
+    assert best_fit_packs([5, 4, 3, 2, 1, 0], lengths, 8, 1) == [[5, 4], [3, 2], [1, 0]]
     with pytest.raises(ValueError, match="example 4 has 6 tokens, more than 5"):
-        greedy_packs(range(6), lengths, 5)
+        best_fit_packs(range(6), lengths, 5)
+
+
+def test_an_example_joins_the_fullest_open_pack_it_fits_and_the_oldest_closes_first():
+    # greedy: [0] [1] [2, 3] [4]; with two open packs 2 and 3 fill the first two
+    assert best_fit_packs(range(5), [5, 6, 3, 2, 4], 8, 1) == [[0], [1], [2, 3], [4]]
+    assert best_fit_packs(range(5), [5, 6, 3, 2, 4], 8, 2) == [[0, 2], [1, 3], [4]]
+    # 2 fits both open packs and joins the fuller (7 of 8); 3 then fits only the first
+    assert best_fit_packs(range(4), [4, 5, 2, 2], 8, 3) == [[0, 3], [1, 2]]
+    # a third pack opened closes the oldest, before the end's leftovers (oldest first)
+    assert best_fit_packs(range(3), [5, 5, 5], 8, 2) == [[0], [1], [2]]
+
+
+def test_best_fit_fills_packs_closer_than_greedy_and_keeps_every_example_once():
+    generator = torch.Generator().manual_seed(0)
+    lengths = (torch.randint(1, 60, (500,), generator=generator) ** 2 // 12 + 1).tolist()
+    order = torch.randperm(500, generator=generator).tolist()
+    greedy = best_fit_packs(order, lengths, 512, 1)
+    packs = best_fit_packs(order, lengths, 512)
+    assert sorted(i for pack in packs for i in pack) == list(range(500))
+    assert all(sum(lengths[i] for i in pack) <= 512 for pack in packs)
+    # within a pack, examples keep the global order
+    position = {index: n for n, index in enumerate(order)}
+    assert all(pack == sorted(pack, key=position.get) for pack in packs)
+    fill = sum(lengths) / (512 * len(packs))
+    assert fill > 0.95 and len(packs) < 0.9 * len(greedy), (fill, len(packs), len(greedy))
 
 
 def global_packs(lengths, world_size, seed=11):
