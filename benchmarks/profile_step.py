@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from attune.data.collate import pack_collate
+from attune.host_memory import keep_freed_host_memory
 from attune.models import from_pretrained
 from attune.peft import LoraSettings, apply_lora
 from attune.training import ChunkedCrossEntropy
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     args = parser.parse_args()
+    keep_freed_host_memory()  # as a recipe on the CPU does
     model = from_pretrained(args.model)
     if args.lora:
         apply_lora(model, LoraSettings(rank=8, alpha=16, target_modules=LORA_TARGETS))

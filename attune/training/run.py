@@ -21,6 +21,7 @@ from attune.config import parse
 from attune.cpu import bf16_notice
 from attune.distributed import World, init_world, shutdown
 from attune.errors import ConfigError, RunStopped
+from attune.host_memory import keep_freed_host_memory
 from attune.training.runtime import autocast, resolve_device, resolve_dtype, seed_everything
 
 CONFIG_FILE = "config.yaml"
@@ -111,6 +112,8 @@ def start_run(cfg: DictConfig) -> Iterator[Run]:
         )
         if run.autocast is not None:
             resolve_dtype(run.autocast)  # a bad name fails now, not at the first forward pass
+        if run.device.type == "cpu":  # each step's activations reused, not faulted in anew
+            keep_freed_host_memory()
         if run.is_main:  # the probe takes half a second, and only where the notice is due
             notice = bf16_notice(run.device, run.dtype, run.autocast)
             if notice is not None:
