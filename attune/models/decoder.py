@@ -173,6 +173,30 @@ class TransformerDecoder(nn.Module):
             and self.config.attn_softcap is None
         )
 
+    def frozen_head_weight(self) -> torch.Tensor | None:
+        """The output head's ``[vocab, hidden]`` weight when :meth:`output` is nothing but a
+        product with it that trains nothing: a plain bias-free ``nn.Linear`` (not adapted,
+        quantized, sharded or hooked), frozen, without soft-capping; None otherwise.
+
+        Losses use it to compute the hidden states' gradient while they compute the loss
+        (:func:`attune.models.chunked_head.frozen_head_cross_entropy`), instead of running the
+        head again in the backward pass.
+        """
+        head = getattr(self, "lm_head", None)
+        if (
+            self.config.num_labels is not None
+            or self.config.final_softcap is not None
+            or type(head) is not nn.Linear
+            or head.bias is not None
+            or head._forward_hooks
+            or head._forward_pre_hooks
+        ):
+            return None
+        weight = head.weight
+        if weight.requires_grad or type(weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        return weight
+
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head on final hidden states: ``[..., hidden]`` -> ``[..., vocab]`` logits
         (soft-capped when the config says so), or ``[..., num_labels]`` scores."""

@@ -134,44 +134,44 @@ class DocumentSpans:
         Returns:
             ``[batch, heads, seq, head_dim]``.
         """
-        gqa = k.shape[1] != q.shape[1]
-        # each row cut into its documents by one split (and the batch by one unbind): their
-        # backward is one cat (and one stack), where slicing per document made every document's
-        # gradient a zero-filled copy of the whole tensor, summed back (measured: 3,600 fills
-        # and as many adds a step on the anchors' rows)
-        documents: list[list[tuple[int, int, bool]]] = [[] for _ in range(q.shape[0])]
-        for row, start, end in self.spans:
-            documents[row].append((start, end, True))
-        for row, start, end in self.padding:
-            documents[row].append((start, end, False))
-        outputs = []
-        for row_documents, q_row, k_row, v_row in zip(
-            documents, q.unbind(0), k.unbind(0), v.unbind(0), strict=True
+        batch, heads, seq, _ = q.shape
+        gqa = k.shape[1] != heads
+        # Documents never cross rows, so the batch's tokens are one sequence to cut: q, k and v
+        # as [batch * seq, heads, dim] (the layout the projections wrote them in), split once,
+        # and the outputs joined by one cat straight into the layout o_proj reads. In backward
+        # that is one copy of each gradient (split's cat) and none of the output's, where
+        # cutting rows then documents copied each twice (cat and stack) and the output once more.
+        documents = sorted(
+            [(row * seq + start, end - start, True) for row, start, end in self.spans]
+            + [(row * seq + start, end - start, False) for row, start, end in self.padding]
+        )
+        sizes = [size for _, size, _ in documents]
+
+        def tokens_first(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[-1])
+
+        pieces = []
+        for (_, size, real), q_doc, k_doc, v_doc in zip(
+            documents,
+            tokens_first(q).split(sizes),
+            tokens_first(k).split(sizes),
+            tokens_first(v).split(sizes),
+            strict=True,
         ):
-            row_documents.sort()
-            sizes = [end - start for start, end, _ in row_documents]
-            pieces = []
-            for (start, end, real), q_doc, k_doc, v_doc in zip(
-                row_documents,
-                q_row.split(sizes, dim=1),
-                k_row.split(sizes, dim=1),
-                v_row.split(sizes, dim=1),
-                strict=True,
-            ):
-                if real:
-                    out = scaled_dot_product_attention(
-                        q_doc[None],
-                        k_doc[None],
-                        v_doc[None],
-                        is_causal=True,
-                        scale=scale,
-                        enable_gqa=gqa,
-                    )[0]
-                else:  # padding: nothing attends it, its outputs are zeros
-                    out = q.new_zeros(q.shape[1], end - start, v.shape[-1])
-                pieces.append(out)
-            outputs.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-        return torch.stack(outputs)
+            if real:
+                out = scaled_dot_product_attention(
+                    q_doc.transpose(0, 1)[None],
+                    k_doc.transpose(0, 1)[None],
+                    v_doc.transpose(0, 1)[None],
+                    is_causal=True,
+                    scale=scale,
+                    enable_gqa=gqa,
+                )[0].transpose(0, 1)
+            else:  # padding: nothing attends it, its outputs are zeros
+                out = q.new_zeros(size, heads, v.shape[-1])
+            pieces.append(out)
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return out.reshape(batch, seq, heads, v.shape[-1]).transpose(1, 2)
 
 
 @functools.cache

@@ -5,7 +5,8 @@ A language model's logits are ``[batch, seq, vocab]``; in fp32 for a 128k vocabu
 instead takes the final hidden states, keeps only the positions that are trained (the prompt,
 padding and the last position are never projected), and projects them in chunks with
 :func:`attune.models.chunked_head.head_by_chunks`, each chunk's logits recomputed in the
-backward pass rather than saved.
+backward pass rather than saved; a frozen head's gradient is made in the forward pass instead
+(:func:`attune.models.chunked_head.frozen_head_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 
 from attune.config import Expects
 from attune.data.collate import IGNORE_INDEX
-from attune.models.chunked_head import head_by_chunks
+from attune.models.chunked_head import (
+    frozen_head_cross_entropy,
+    frozen_head_weight,
+    head_by_chunks,
+)
 
 SFT_LOSS = Expects(
     "an SFT loss (called with hidden states, labels and the output head, as "
@@ -65,6 +70,11 @@ class ChunkedCrossEntropy:
         total = hidden.new_zeros((), dtype=torch.float32)
         if selected.shape[0] == 0:
             return total + 0.0 * hidden.sum(), 0  # keeps the graph for a step with no tokens
+        weight = frozen_head_weight(output)
+        if weight is not None and torch.is_grad_enabled() and selected.requires_grad:
+            # a frozen head (LoRA's): the gradient made with the loss, no recomputation
+            loss = frozen_head_cross_entropy(selected, weight, targets, self.chunk_size)
+            return loss, int(targets.shape[0])
         for chunk_loss in head_by_chunks(
             _chunk_loss, (selected, targets), (output,), self.chunk_size
         ):

@@ -1,11 +1,14 @@
 """The training step: token-exact gradient accumulation, packed = unpacked, chunked loss."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attune.data.collate import IGNORE_INDEX, labels_from_mask, pack_collate, pad_collate
 from attune.models import DecoderConfig, TransformerDecoder
+from attune.models.chunked_head import frozen_head_weight
 from attune.training import ChunkedCrossEntropy, TrainingError, backward_step, check_finite
 
 CONFIG = DecoderConfig(
@@ -77,6 +80,43 @@ def test_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient():
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert abs(total.item() - plain.item()) < 1e-4
     assert (chunked_grad - net.lm_head.weight.grad).abs().max().item() < 1e-5
+
+
+def test_a_frozen_heads_loss_equals_the_plain_one_in_value_and_gradient():
+    """With the head frozen (LoRA's), the loss takes the one-pass path; the trained weights'
+    gradients are those of full logits through the plain cross-entropy."""
+    batch = pad_collate(examples(), pad_id=0)
+    grads = []
+    for chunked in (True, False):
+        net = model()
+        net.lm_head.requires_grad_(False)
+        if chunked:
+            hidden = net(batch["tokens"], padding_mask=batch["padding_mask"], return_hidden=True)
+            total, _ = ChunkedCrossEntropy(chunk_size=3)(hidden, batch["labels"], net.output)
+            assert total.grad_fn.name() == "_FrozenHeadCrossEntropyBackward"
+        else:
+            logits = net(batch["tokens"], padding_mask=batch["padding_mask"])
+            total = F.cross_entropy(
+                logits[:, :-1].reshape(-1, 64), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+            )
+        total.backward()
+        grads.append((total.item(), [p.grad.clone() for p in net.parameters() if p.requires_grad]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-4
+    for chunked_grad, plain_grad in zip(grads[0][1], grads[1][1], strict=True):
+        assert (chunked_grad - plain_grad).abs().max().item() < 1e-5
+
+
+def test_only_a_plain_frozen_head_is_taken_for_the_one_pass_loss():
+    model = TransformerDecoder(CONFIG)
+    assert frozen_head_weight(model.output) is None  # it trains
+    model.lm_head.requires_grad_(False)
+    assert frozen_head_weight(model.output) is model.lm_head.weight
+    assert frozen_head_weight(model.lm_head) is None  # not the model's output method
+    handle = model.lm_head.register_forward_hook(lambda *args: None)
+    assert frozen_head_weight(model.output) is None
+    handle.remove()
+    capped = TransformerDecoder(replace(CONFIG, final_softcap=30.0)).requires_grad_(False)
+    assert frozen_head_weight(capped.output) is None
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_checkpoint():
