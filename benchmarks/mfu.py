@@ -134,7 +134,7 @@ def matmul_peak(
 
 def model_flops_per_token(
     config: dict[str, Any],
-    seq_len: int,
+    seq_len: float,
     lora_rank: int | None = None,
     lora_targets: Sequence[str] = ATTENTION + MLP,
 ) -> float:
@@ -148,8 +148,9 @@ def model_flops_per_token(
     Attention's own matmuls (``QK^T`` and ``AV``): PaLM's count (appendix B) is ``12 * L * H *
     Q * T`` a token for forward + backward, with ``L`` layers, ``H`` heads of width ``Q`` and a
     sequence of ``T`` tokens; a causal mask needs half of it, so this counts
-    ``6 * L * H * Q * T`` (``T = seq_len``, the span attended: for packed rows, the documents'
-    length; for padded rows, the batch's). The same in LoRA: the scores' inputs need gradients.
+    ``6 * L * H * Q * T`` (``T = seq_len``, the span attended: for documents of several
+    lengths, :func:`attended_span`, packed or not). The same in LoRA: the scores' inputs need
+    gradients.
 
     LoRA counts the FLOPs LoRA requires, not full fine-tuning's: each frozen weight runs forward
     and passes the input's gradient back (``4P``, its own gradient is never computed) and each
@@ -161,7 +162,7 @@ def model_flops_per_token(
         config: ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
             ``num_attention_heads``, ``vocab_size``; ``num_key_value_heads`` and ``head_dim``
             if they differ from the defaults (all heads, ``hidden / heads``).
-        seq_len: the sequence length attention spans.
+        seq_len: the sequence length attention spans (:func:`attended_span`).
         lora_rank: the adapters' rank ``r``; None for full fine-tuning.
         lora_targets: the adapted projections' names (the output head as ``lm_head``).
     """
@@ -215,9 +216,37 @@ def run_dtype(cfg: dict[str, Any]) -> str:
     return "bf16" if names & {"bf16", "bfloat16"} else "fp32"
 
 
-def flops_for_run(output_dir: Path, seq_len: int | None = None) -> dict[str, Any] | None:
+def attended_span(lengths: Sequence[int]) -> float:
+    """The ``T`` of :func:`model_flops_per_token` for documents of these lengths.
+
+    A token of a causal document of ``L`` tokens attends ``L / 2`` keys on average, which the
+    formula counts as ``T = L``; over documents that is the token-weighted mean length,
+    ``sum(L^2) / sum(L)``. It is the data's, not the batching's: padding a row, or masking a
+    packed row's whole square, is work the model does not need (on the anchors' rows, packed
+    to 512: 242).
+    """
+    total = sum(lengths)
+    if total <= 0:
+        raise ValueError("no tokens: the attended span needs at least one document")
+    return sum(length * length for length in lengths) / total
+
+
+def data_lengths(cfg: dict[str, Any]) -> list[int]:
+    """The run's training examples' lengths after truncation, from its config's tokenizer and
+    dataset (tokenized as the recipe tokenizes them, from ``datasets``' cache once made)."""
+    from omegaconf import OmegaConf
+
+    from attune import config as attune_config
+
+    node = OmegaConf.create(cfg)
+    tokenizer = attune_config.instantiate(node.tokenizer)
+    dataset = attune_config.instantiate(node.dataset, tokenizer=tokenizer)
+    return [int(length) for length in dataset.lengths]
+
+
+def flops_for_run(output_dir: Path, seq_len: float | None = None) -> dict[str, Any] | None:
     """The FLOPs figures of a finished run from its ``config.yaml``: ``flops_per_token``,
-    ``dtype``, ``seq_len`` (default: ``dataset.max_seq_len``, else 2,048), ``lora_rank``;
+    ``dtype``, ``seq_len`` (default: :func:`attended_span` of the run's data), ``lora_rank``;
     None when its model's ``config.json`` cannot be found."""
     import yaml
 
@@ -225,7 +254,7 @@ def flops_for_run(output_dir: Path, seq_len: int | None = None) -> dict[str, Any
     model_config = model_config_for_run(cfg)
     if model_config is None:
         return None
-    seq_len = seq_len or (cfg.get("dataset") or {}).get("max_seq_len") or 2048
+    seq_len = seq_len or attended_span(data_lengths(cfg))
     rank, targets = lora_for_run(cfg)
     return {
         "flops_per_token": model_flops_per_token(model_config, seq_len, rank, targets),
@@ -291,7 +320,7 @@ def report(figures: dict[str, Any]) -> str:
         f"| {figures['flops_per_token'] / 1e6:,.1f} | {figures['achieved_flops'] / 1e9:,.1f} "
         f"| {figures['mfu']:.1%} |",
         "",
-        f"seq_len {figures['seq_len']}, {figures['tokens_per_batch']} tokens a matmul, "
+        f"attended span {figures['seq_len']:,.0f}, {figures['tokens_per_batch']} tokens a matmul, "
         f"{'LoRA r=' + str(figures['lora_rank']) if figures['lora_rank'] else 'full'}; "
         "peaks: torch.mm on the model's projection shapes (the square 2048^3 for reference)",
     ]
@@ -303,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("run", type=Path, nargs="?", help="a run's output_dir")
     parser.add_argument("--config-json", type=Path, help="the model's config.json")
     parser.add_argument("--tokens-per-second", type=float, help="without a run folder")
-    parser.add_argument("--seq-len", type=int, help="attention's span (default: the run's)")
+    parser.add_argument(
+        "--seq-len", type=float, help="attention's span (default: the run's data's, attended_span)"
+    )
     parser.add_argument("--tokens-per-batch", type=int, help="M of the timed products")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: the run's, else fp32")
     parser.add_argument("--lora-rank", type=int, help="without a run folder: LoRA, all-linear")

@@ -41,7 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attune.cpu import cpu_flags, has_bf16_instructions
 from benchmarks.harness import recipe_config, run_and_measure
-from benchmarks.mfu import REPORTED_FLAGS, cpu_header, measure_peaks, mfu, model_flops_per_token
+from benchmarks.mfu import (
+    REPORTED_FLAGS,
+    attended_span,
+    cpu_header,
+    data_lengths,
+    measure_peaks,
+    mfu,
+    model_flops_per_token,
+)
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchors"
 STEPS = 60
@@ -230,17 +238,27 @@ def select_settings(
     return kept_attune, [n for n in anchors if "bf16" not in n], left_out
 
 
+def data_span(work: Path) -> float:
+    """Attention's span on the anchors' rows (:func:`benchmarks.mfu.attended_span`), from their
+    lengths as attune tokenizes them; the same rows for every system, so one span for all."""
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = json.loads(attune_config(work, "full", Path(folder)).read_text())
+        return attended_span(data_lengths(cfg))
+
+
 def machine(work: Path, peak_seconds: float) -> dict:
     """The CPU (its flags), the matmul peaks and the anchors' model's FLOPs a token, for MFU."""
     config = json.loads((work / "model" / "config.json").read_text())
+    span = data_span(work)
     return {
         "cpu": cpu_header(),
         "cpu_flags": sorted(set(REPORTED_FLAGS) & cpu_flags()),
         "bf16_instructions": has_bf16_instructions(),
         "peaks": measure_peaks(config, BATCH * MAX_LEN, peak_seconds),
+        "attended_span": span,
         "flops_per_token": {
-            "full": model_flops_per_token(config, MAX_LEN),
-            "lora": model_flops_per_token(config, MAX_LEN, LORA_RANK, LORA_TARGETS),
+            "full": model_flops_per_token(config, span),
+            "lora": model_flops_per_token(config, span, LORA_RANK, LORA_TARGETS),
         },
     }
 
@@ -282,7 +300,9 @@ def report(
         peaks = figures["peaks"]
         lines.append(
             f"CPU: {figures['cpu']}. Matmul peak (torch.mm, the model's shapes): fp32 "
-            f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s."
+            f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s. "
+            f"MFU counts attention over the rows' documents (attended span "
+            f"{figures.get('attended_span', MAX_LEN):,.0f} tokens)."
         )
         if figures.get("left_out"):
             lines.append(

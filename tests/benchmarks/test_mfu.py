@@ -11,6 +11,8 @@ import yaml
 import benchmarks.side_by_side as side_by_side
 from benchmarks.harness import _flops_figures
 from benchmarks.mfu import (
+    attended_span,
+    data_lengths,
     lora_for_run,
     matmul_peak,
     mfu,
@@ -134,14 +136,38 @@ def test_side_by_side_reports_mfu_beside_tokens_per_second():
     assert "flags: avx2 yes" in text and "attune_full_bf16" in text
 
 
-def test_the_harness_adds_flops_and_mfu_from_the_runs_config(tmp_path):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY))
-    config = {"model": {"path": str(tmp_path / "model")}, "dataset": {"max_seq_len": 32}}
+def test_attention_is_counted_over_each_documents_own_length():
+    # a token of a causal document of L tokens attends L / 2 keys on average: T = L
+    assert attended_span([64]) == 64
+    assert attended_span([2, 4]) == pytest.approx((2 * 2 + 4 * 4) / 6)
+    with pytest.raises(ValueError, match="no tokens"):
+        attended_span([])
+
+
+def test_the_harness_adds_flops_and_mfu_from_the_runs_config(tmp_path, checkpoint):
+    config = {
+        "model": {"path": str(checkpoint)},
+        "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(checkpoint)},
+        "dataset": {
+            "_component_": "attune.demo.reverse_words_dataset",
+            "max_seq_len": 32,
+            "cache_dir": str(tmp_path / "hf_cache"),
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    lengths = data_lengths(config)
+    # the lengths are the examples' as the recipe reads them
+    from attune.config import instantiate
+    from attune.tokenizer import from_pretrained
+
+    examples = instantiate(config["dataset"], tokenizer=from_pretrained(checkpoint))
+    assert lengths == [len(examples[i]["tokens"]) for i in range(len(examples))]
+    span = attended_span(lengths)
+    assert 1 < span <= 32 and max(lengths) <= 32
+    model_config = json.loads((checkpoint / "config.json").read_text())
     records = [{"step": 4, "tokens_seen": 256}]
     found = _flops_figures(tmp_path, records, {"tokens_per_second": 1000.0}, peak_seconds=0.2)
-    assert found["flops_per_token"] == model_flops_per_token(TINY, 32)
+    assert found["flops_per_token"] == model_flops_per_token(model_config, span)
     assert found["matmul_dtype"] == "fp32"
     assert found["mfu"] == pytest.approx(
         1000.0 * found["flops_per_token"] / found["matmul_peak_flops"]
