@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from benchmarks.mfu import (
     measure_peaks,
     mfu,
     model_flops_per_token,
+    peak_dtypes,
 )
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchors"
@@ -88,6 +90,7 @@ ANCHOR_IDS = (
 )
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN, BATCH, LORA_RANK = 512, 4, 8
+DTYPES_SHOWN = ("fp32", "bf16")
 
 
 def attune_config(work: Path, method: str, folder: Path) -> Path:
@@ -204,8 +207,10 @@ def run_anchors(work: Path, ids: list[str], reps: int, steps: int = STEPS) -> di
 
 
 def run_attune(
-    work: Path, names: list[str], reps: int, steps: int = STEPS
+    work: Path, names: list[str], reps: int, steps: int = STEPS, peak_seconds: float = 0.0
 ) -> dict[str, list[dict]]:
+    """attune's runs, by name; with ``peak_seconds``, each run's MFU against the matmul peak
+    measured right after it (a shared machine's speed drifts over an hour's table)."""
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -216,7 +221,12 @@ def run_attune(
                 recipe = f"{method}_finetune_single_device"
                 try:
                     figures = run_and_measure(
-                        recipe, str(configs[method]), overrides, steps, WARMUP
+                        recipe,
+                        str(configs[method]),
+                        overrides,
+                        steps,
+                        WARMUP,
+                        peak_seconds=peak_seconds,
                     )
                 except RuntimeError as error:  # one failed setting leaves the others' figures
                     print(f"attune_{name} failed: {error}", flush=True)
@@ -246,15 +256,21 @@ def data_span(work: Path) -> float:
         return attended_span(data_lengths(cfg))
 
 
-def machine(work: Path, peak_seconds: float) -> dict:
-    """The CPU (its flags), the matmul peaks and the anchors' model's FLOPs a token, for MFU."""
+def machine(work: Path, peak_seconds: float, names: Sequence[str] = ()) -> dict:
+    """The CPU (its flags), the matmul peaks (bf16's where a configuration in ``names`` needs
+    it or the CPU has bf16 instructions) and the anchors' model's FLOPs a token, for MFU."""
     config = json.loads((work / "model" / "config.json").read_text())
     span = data_span(work)
     return {
         "cpu": cpu_header(),
         "cpu_flags": sorted(set(REPORTED_FLAGS) & cpu_flags()),
         "bf16_instructions": has_bf16_instructions(),
-        "peaks": measure_peaks(config, BATCH * MAX_LEN, peak_seconds),
+        "peaks": measure_peaks(
+            config,
+            BATCH * MAX_LEN,
+            peak_seconds,
+            peak_dtypes("bf16" for name in names if "bf16" in name),
+        ),
         "attended_span": span,
         "flops_per_token": {
             "full": model_flops_per_token(config, span),
@@ -264,16 +280,24 @@ def machine(work: Path, peak_seconds: float) -> dict:
 
 
 def row_mfu(name: str, row: dict[str, float], figures: dict) -> float:
-    """A configuration's MFU, against the peak of the dtype its name says it multiplies in."""
+    """A configuration's MFU: the median of its runs' own (each against the peak measured
+    after it), else against the table's peak of the dtype its name says it multiplies in."""
+    if "mfu" in row:
+        return row["mfu"]
     flops = figures["flops_per_token"]["lora" if "lora" in name else "full"]
     peak = figures["peaks"]["bf16" if "bf16" in name else "fp32"]
     return mfu(row["tokens_per_second"], flops, peak)
 
 
 def medians(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    keys = ("tokens_per_second", "peak_rss_gb", "loss", "step_seconds")
+    """Each configuration's medians over its runs (``mfu`` where every run has its own)."""
+    keys = ("tokens_per_second", "peak_rss_gb", "loss", "step_seconds", "mfu")
     return {
-        name: {key: statistics.median(run[key] for run in group) for key in keys}
+        name: {
+            key: statistics.median(run[key] for run in group)
+            for key in keys
+            if all(key in run for run in group)
+        }
         for name, group in runs.items()
     }
 
@@ -299,10 +323,16 @@ def report(
     if figures is not None:
         peaks = figures["peaks"]
         lines.append(
-            f"CPU: {figures['cpu']}. Matmul peak (torch.mm, the model's shapes): fp32 "
-            f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s. "
+            f"CPU: {figures['cpu']}. Matmul peak (torch.mm, the model's shapes): "
+            + ", ".join(
+                f"{dtype} {peaks[dtype] / 1e9:,.0f} GFLOP/s"
+                for dtype in DTYPES_SHOWN
+                if dtype in peaks
+            )
+            + ". "
             f"MFU counts attention over the rows' documents (attended span "
-            f"{figures.get('attended_span', MAX_LEN):,.0f} tokens)."
+            f"{figures.get('attended_span', MAX_LEN):,.0f} tokens); attune's runs against the "
+            "peak measured right after each, the anchors' against this one, measured at the end."
         )
         if figures.get("left_out"):
             lines.append(
@@ -366,10 +396,10 @@ def main() -> None:
     runs = run_anchors(args.work, anchors, args.reps, args.steps) if anchors else {}
     if not (args.work / "model" / "model.safetensors").is_file():
         raise SystemExit(f"no anchor model in {args.work}: run with some --anchors first")
-    runs.update(run_attune(args.work, attune, args.reps, args.steps))
+    runs.update(run_attune(args.work, attune, args.reps, args.steps, args.peak_seconds))
     table = medians(runs)
     # measured after the runs, alone on the machine, as the runs were
-    figures = {**machine(args.work, args.peak_seconds), "left_out": left_out}
+    figures = {**machine(args.work, args.peak_seconds, [*attune, *anchors]), "left_out": left_out}
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": figures, "configs": table}, indent=1) + "\n")
     print(report(table, args.reps, figures, args.steps))

@@ -86,7 +86,12 @@ def write(tmp_path):
 
 # The slowest tests first, so that with several workers (pytest -n) the longest one starts at
 # once instead of being left for last while the other workers sit idle.
-SLOW_FIRST = ("tests/recipes/test_demo.py",)
+SLOW_FIRST = (
+    "tests/recipes/test_demo.py",
+    "tests/recipes/test_kd.py",
+    "tests/recipes/test_qat.py",
+    "tests/recipes/test_eval_during_training.py",
+)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -174,3 +174,28 @@ def test_the_harness_adds_flops_and_mfu_from_the_runs_config(tmp_path, checkpoin
     )
     # no peak asked for: the count alone
     assert "mfu" not in _flops_figures(tmp_path, records, {"tokens_per_second": 1.0}, 0.0)
+
+
+def test_an_emulated_bf16_peak_is_measured_only_when_a_run_needs_it(monkeypatch):
+    import benchmarks.mfu as mfu_module
+
+    monkeypatch.setattr(mfu_module, "has_bf16_instructions", lambda: False)
+    assert mfu_module.peak_dtypes(["fp32"]) == ("fp32",)
+    assert mfu_module.peak_dtypes(["fp32", "bf16"]) == ("fp32", "bf16")
+    monkeypatch.setattr(mfu_module, "has_bf16_instructions", lambda: True)
+    assert mfu_module.peak_dtypes(["fp32"]) == ("fp32", "bf16")
+    figures = {
+        "cpu": "x86_64",
+        "peaks": {"fp32": 150e9, "fp32_square": 160e9},
+        "dtype": "fp32",
+        "tokens_per_second": 500.0,
+        "flops_per_token": 180e6,
+        "achieved_flops": 90e9,
+        "mfu": 0.6,
+        "seq_len": 242.0,
+        "tokens_per_batch": 2048,
+        "lora_rank": None,
+    }
+    text = mfu_module.report(figures)
+    assert "| 150.0 (2048^3: 160.0) | not measured (emulated here) | fp32 | 500 |" in text
+    assert "attended span 242" in text

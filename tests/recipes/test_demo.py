@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import run_tune
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # the tiny model is made first (tiny_cache), then 1,000 steps
 def test_tiny_lora_demo_learns_to_reverse_held_out_words(tmp_path, tiny_cache):
     env = {**tiny_cache, "HF_DATASETS_CACHE": str(tmp_path / "hf")}

@@ -190,6 +190,7 @@ def test_a_teacher_of_another_tokenizer_is_one_line(tmp_path, checkpoint, teache
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # the demo teacher is trained into the test cache first (~1 min)
 def test_the_tiny_kd_demo_raises_held_out_exact_answers(tmp_path, tiny_cache):
     """The shipped tiny/kd config, shortened from 1,000 steps to 400 (the schedule with it):
