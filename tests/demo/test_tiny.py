@@ -6,6 +6,8 @@ import json
 import threading
 import time
 
+import pytest
+
 import attune.demo.tiny as tiny
 from attune.demo.reverse_words import echo_rows
 from attune.models import from_pretrained
@@ -56,6 +58,7 @@ def test_the_cached_checkpoint_is_the_shipped_one_and_it_echoes(tmp_path):
     assert echo_accuracy(folder) > 0.9  # the base model's behaviour: repeating its words
 
 
+@pytest.mark.slow
 def test_building_the_tiny_base_from_scratch_gives_an_echoing_model(tmp_path):
     """The pre-training that made the shipped weights still works: the rebuilt model (the
     same one on a CPU of the shipped one's kind, a different one on another) echoes."""

@@ -20,6 +20,7 @@ def summary(run_dir):
     return last
 
 
+@pytest.mark.slow
 def test_qat_loses_less_to_quantization_than_ptq_on_the_same_data_and_budget(tmp_path, tiny_cache):
     """The tiny model learns the demo task for 300 steps. PTQ quantizes the plain run's last
     checkpoint; QAT continues the plain run's step-200 checkpoint with fake quantization on
