@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attune.cpu import cpu_flags, has_bf16_instructions
+from attune.errors import AttuneError
 
 # the flags that decide a CPU's matmul rate, shown in the report's header
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -358,7 +359,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     run: dict[str, Any] = {}
     if args.run is not None:
-        run = flops_for_run(args.run, args.seq_len) or {}
+        try:
+            run = flops_for_run(args.run, args.seq_len) or {}
+        except AttuneError as error:  # the run's data is not readable here
+            parser.error(
+                f"{args.run}: attention's span needs the run's data: {error} (or give --seq-len)"
+            )
         tokens_per_second, tokens_per_batch = _run_throughput(args.run, args.warmup)
     elif args.config_json is None or args.tokens_per_second is None:
         parser.error("give a run folder, or --config-json and --tokens-per-second")

@@ -199,3 +199,23 @@ def test_an_emulated_bf16_peak_is_measured_only_when_a_run_needs_it(monkeypatch)
     text = mfu_module.report(figures)
     assert "| 150.0 (2048^3: 160.0) | not measured (emulated here) | fp32 | 500 |" in text
     assert "attended span 242" in text
+
+
+def test_a_run_whose_data_is_gone_is_one_line_naming_the_fix(tmp_path, checkpoint, capsys):
+    from benchmarks.mfu import main
+
+    config = {
+        "model": {"path": str(checkpoint)},
+        "tokenizer": {"_component_": "attune.tokenizer.from_pretrained", "path": str(checkpoint)},
+        "dataset": {
+            "_component_": "attune.data.instruct_dataset",
+            "source": str(tmp_path / "gone.jsonl"),
+            "max_seq_len": 32,
+        },
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gone.jsonl" in error and "--seq-len" in error and "Traceback" not in error
