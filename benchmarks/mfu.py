@@ -267,9 +267,10 @@ def flops_for_run(output_dir: Path, seq_len: float | None = None) -> dict[str, A
 
 
 def peak_dtypes(needed: Iterable[str] = ()) -> tuple[str, ...]:
-    """The dtypes worth a peak: fp32, and bf16 where ``needed`` names it or the CPU multiplies
-    bf16 in hardware (emulated, its products take minutes to time for a figure nobody uses)."""
-    if "bf16" in needed or has_bf16_instructions() is not False:
+    """The dtypes worth a peak: fp32, and bf16 where a name in ``needed`` (a dtype, a setting)
+    says bf16 or the CPU multiplies bf16 in hardware (emulated, its products take minutes to
+    time for a figure nobody uses)."""
+    if any("bf16" in name for name in needed) or has_bf16_instructions() is not False:
         return ("fp32", "bf16")
     return ("fp32",)
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attune.cpu import cpu_flags, has_bf16_instructions
 from benchmarks.harness import recipe_config, run_and_measure
 from benchmarks.mfu import (
+    DTYPES,
     REPORTED_FLAGS,
     attended_span,
     cpu_header,
@@ -90,7 +91,6 @@ ANCHOR_IDS = (
 )
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN, BATCH, LORA_RANK = 512, 4, 8
-DTYPES_SHOWN = ("fp32", "bf16")
 
 
 def attune_config(work: Path, method: str, folder: Path) -> Path:
@@ -269,7 +269,7 @@ def machine(work: Path, peak_seconds: float, names: Sequence[str] = ()) -> dict:
             config,
             BATCH * MAX_LEN,
             peak_seconds,
-            peak_dtypes("bf16" for name in names if "bf16" in name),
+            peak_dtypes(names),
         ),
         "attended_span": span,
         "flops_per_token": {
@@ -325,9 +325,7 @@ def report(
         lines.append(
             f"CPU: {figures['cpu']}. Matmul peak (torch.mm, the model's shapes): "
             + ", ".join(
-                f"{dtype} {peaks[dtype] / 1e9:,.0f} GFLOP/s"
-                for dtype in DTYPES_SHOWN
-                if dtype in peaks
+                f"{dtype} {peaks[dtype] / 1e9:,.0f} GFLOP/s" for dtype in DTYPES if dtype in peaks
             )
             + ". "
             f"MFU counts attention over the rows' documents (attended span "
