@@ -7,6 +7,7 @@ Module and parameter names follow Hugging Face's (``self_attn.q_proj``, ``mlp.ga
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,39 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * x / sqrt(mean(x^2) + eps)`` in float32 with a backward of four passes over
+    ``x`` where autograd's composition of the same formula takes about eight (a pass for each
+    product, power and reduction, and the sums of their gradients). RMSNorm is memory-bound, so
+    passes are its cost: ~2% of a LoRA step on a 2-core CPU, measured by removing the norms.
+
+    Shapes: ``x`` ``[..., dim]``; ``weight`` ``[dim]`` -> ``[..., dim]``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # the mean square in one pass (pow then mean makes a squared copy first)
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+        inverse = mean_square.div_(x.shape[-1]).add_(eps).rsqrt_()  # [..., 1]
+        ctx.save_for_backward(x, weight, inverse)
+        return (x * inverse).mul_(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, inverse = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x).mul_(inverse).reshape(-1, x.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            # d(x r)/dx for r = (mean(x^2) + eps)^-1/2, applied to g = grad * weight:
+            # r g - x r^3 mean(g x)
+            scaled = grad * weight
+            coefficient = torch.linalg.vecdot(scaled, x, dim=-1).unsqueeze(-1)
+            coefficient.mul_(inverse.pow(3)).div_(x.shape[-1])
+            grad_x = scaled.mul_(inverse).addcmul_(x, coefficient, value=-1)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +81,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., dim]`` -> ``[..., dim]``, in the input's dtype."""
+        if x.dtype == self.weight.dtype == torch.float32 and not self.offset:
+            normed: torch.Tensor = _RMSNormFunction.apply(x, self.weight, self.eps)
+            return normed
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
