@@ -200,7 +200,10 @@ def _gpu_figures(
     return gpu
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: a recipe, ``--config`` and the options, then ``key=value`` overrides
+    anywhere after the recipe (``-- k=v`` too: the overrides' positional list is read after
+    the options, so it does not close empty at the recipe)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("--config", required=True)
@@ -211,7 +214,11 @@ def main() -> None:
         "--peak-seconds", type=float, default=2.0, help="CPU matmul peak measurement, for MFU"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides (after --)")
-    args = parser.parse_args()
+    return parser.parse_intermixed_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     figures = run_and_measure(
         args.recipe,
         args.config,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.harness import read_metrics, run_and_measure, steady_state
+from benchmarks.harness import parse_args, read_metrics, run_and_measure, steady_state
 from tests.recipes.conftest import write_config
 
 
@@ -32,3 +32,17 @@ def test_the_steady_state_needs_every_step_logged():
     records = [{"step": s, "loss": 1.0, "elapsed_s": s, "tokens_seen": 10 * s} for s in (1, 2, 4)]
     with pytest.raises(ValueError, match="log_every_n_steps=1"):
         steady_state(records, warmup=2)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lora_finetune_single_device", "--config", "c.yaml", "--steps", "3", "--", "a=1", "b.c=2"],
+        ["lora_finetune_single_device", "--config", "c.yaml", "a=1", "--steps", "3", "b.c=2"],
+    ],
+    ids=["after --", "among the options"],
+)
+def test_overrides_reach_the_run_wherever_they_are_written(argv):
+    args = parse_args(argv)
+    assert args.recipe == "lora_finetune_single_device" and args.config == "c.yaml"
+    assert args.steps == 3 and args.overrides == ["a=1", "b.c=2"]
