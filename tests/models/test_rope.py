@@ -44,3 +44,10 @@ def test_apply_rope_leaves_its_input_alone_and_works_without_grad() -> None:
     assert torch.equal(x, before)
     expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_apply_rope_in_bf16_is_transformers_to_the_bit() -> None:
+    x, cos, sin, _ = _inputs(16, head_dim=16)
+    x = x.bfloat16()
+    expected, _ = apply_rotary_pos_emb(x, x, cos.bfloat16(), sin.bfloat16())
+    assert torch.equal(apply_rope(x, cos, sin), expected)
