@@ -38,6 +38,7 @@ def recipe_main(cfg, run):
     # the student's
     loss_fn = config.instantiate(cfg.get("loss")) or training.DistillationLoss()
     training.check_lmbda(cfg)
+    training.check_on_policy_loss(loss_fn, cfg.get("lmbda"))
     training.check_teacher_path(cfg)
     harness = evaluation.EvalDuringTraining(cfg, run)
     setup = training.setup_training(cfg, run)

@@ -26,7 +26,7 @@ from attune.training.keys import (
 from attune.training.loop import TrainingLoop, total_steps
 from attune.training.loss import SFT_LOSS, ChunkedCrossEntropy, token_count
 from attune.training.metrics import MetricsWriter, append_metrics, mean_and_std
-from attune.training.on_policy import ON_POLICY_KEYS, OnPolicy, check_lmbda
+from attune.training.on_policy import ON_POLICY_KEYS, OnPolicy, check_lmbda, check_on_policy_loss
 from attune.training.optim import (
     build_optimizer,
     constant_with_warmup,
@@ -120,6 +120,7 @@ __all__ = [
     "build_teacher",
     "check_finite",
     "check_lmbda",
+    "check_on_policy_loss",
     "check_teacher_path",
     "compile_layers",
     "constant_with_warmup",

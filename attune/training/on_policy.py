@@ -20,7 +20,8 @@ answer. Packed batches (several examples to a row) are refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,28 @@ def check_lmbda(cfg: Any) -> None:
             f"lmbda must be in [0, 1], got {lmbda} (the share of each batch whose completions "
             "the student generates; 0: none, 1: all)"
         )
+
+
+def check_on_policy_loss(loss_fn: Callable, lmbda: float | None) -> None:
+    """A loss that cannot take ``generated`` (the rows the student completed), said in one line
+    before any work when the run generates (``lmbda > 0``); it would fail at the first step
+    that does, after the setup and maybe hours of steps on the dataset's own completions."""
+    if not lmbda:
+        return
+    # an nn.Module's __call__ takes **kwargs whatever its forward takes: read the forward
+    target = loss_fn.forward if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): leave it to the call
+        return
+    if any(p.name == "generated" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    raise ConfigError(
+        f"loss: {name} takes no `generated` keyword, which on-policy "
+        f"distillation (lmbda={lmbda}) passes it: add `generated=None` to its signature (the "
+        "[batch] bool rows the student completed), or set lmbda=0"
+    )
 
 
 def row_seed(seed: int, step: int, position: int) -> int:

@@ -15,6 +15,7 @@ import torch
 from attune import models
 from attune.demo.tiny import tiny_checkpoint
 from attune.peft import load_adapter
+from attune.training import DistillationLoss
 from tests.conftest import assert_one_line_error, run_tune
 from tests.recipes.conftest import records, run_tune_in_process, train, write_config
 
@@ -156,9 +157,29 @@ def other_tokenizer(tmp_path, teacher):
     return folder, a, index
 
 
+class LossWithoutGenerated(torch.nn.Module):
+    """A custom distillation loss written for off-policy runs only (no ``generated``)."""
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.inner = DistillationLoss(**settings)
+
+    def forward(self, hidden, labels, output, teacher_hidden, teacher_output):
+        return self.inner(hidden, labels, output, teacher_hidden, teacher_output)
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
+        (
+            {
+                "loss._component_": f"{__name__}.LossWithoutGenerated",
+                "lmbda": 0.5,
+                "imports": ["tests"],
+            },
+            "loss: LossWithoutGenerated takes no `generated` keyword, which on-policy "
+            "distillation (lmbda=0.5) passes it",
+        ),
         ({"loss.kd_ratio": 1.5}, "loss.kd_ratio must be in [0, 1], got 1.5"),
         ({"loss.temperature": 0}, "loss.temperature must be > 0, got 0"),
         ({"loss.beta": -1}, "loss.beta must be in [0, 1], got -1"),

@@ -127,3 +127,20 @@ def test_a_row_trained_from_its_first_token_is_left_as_it_is(student):
     tokens, labels, generated = out[0]
     assert not generated and tokens == data[0]["tokens"] and labels == data[0]["tokens"]
     assert out[1][2]  # the other row is still the student's
+
+
+def test_a_loss_without_generated_is_refused_only_when_the_run_generates():
+    from attune.training import DistillationLoss
+    from attune.training.on_policy import check_on_policy_loss
+
+    def off_policy_loss(hidden, labels, output, teacher_hidden, teacher_output):
+        return hidden.sum()
+
+    def any_keywords(hidden, labels, output, teacher_hidden, teacher_output, **extra):
+        return hidden.sum()
+
+    check_on_policy_loss(off_policy_loss, 0.0)  # nothing generated: nothing passed
+    check_on_policy_loss(any_keywords, 0.5)
+    check_on_policy_loss(DistillationLoss(), 0.5)  # an nn.Module: its forward is read
+    with pytest.raises(ConfigError, match=r"loss: .*off_policy_loss takes no `generated` keyword"):
+        check_on_policy_loss(off_policy_loss, 0.5)
