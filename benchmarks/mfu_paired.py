@@ -37,9 +37,9 @@ from benchmarks import mfu
 
 
 def paired_steps(
-    cfg: Any, steps: int, peak_seconds: float, model_config: dict[str, Any]
+    cfg: Any, peak_seconds: float, model_config: dict[str, Any]
 ) -> list[dict[str, float]]:
-    """Run ``steps`` steps of ``cfg``'s SFT training, each followed by a peak measurement.
+    """Run ``cfg``'s SFT training (its ``max_steps``), each step followed by a peak measurement.
 
     Returns:
         Per step: ``seconds``, ``input_tokens`` and ``peak`` (FLOP/s of the run's dtype).
@@ -136,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "resume_from_checkpoint": None,
         }
         cfg = OmegaConf.merge(cfg, overrides)
-        pairs = paired_steps(cfg, args.steps, args.peak_seconds, run["model_config"])
+        pairs = paired_steps(cfg, args.peak_seconds, run["model_config"])
+    if len(pairs) <= args.warmup:
+        parser.error(
+            f"{args.run}: its data gave {len(pairs)} steps, not more than --warmup "
+            f"({args.warmup}); use more data or a smaller batch"
+        )
     figures = {
         "cpu": mfu.cpu_header(),
         "dtype": run["dtype"],
