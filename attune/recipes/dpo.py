@@ -60,10 +60,9 @@ def recipe_main(cfg, run):
     # The loop (optimizer, schedule, checkpoints, metrics)
     stream = training.BatchStream.from_config(cfg, dataset, pad_id, run.world)
     loop = training.training_loop(cfg, run, setup, stream)
-    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
     if not loop.resumed:
         held_out.report("before")
-        answers.record(policy, "before")
+    answers = training.AnswerLog.at_start(cfg, tokenizer, run, policy, loop.resumed)
 
     # The loop: one optimizer step per item; the loss is the mean over the step's pairs
     for micro_batches in loop:

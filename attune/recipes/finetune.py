@@ -44,9 +44,7 @@ def recipe_main(cfg, run):
     validation = config.instantiate(cfg.get("validation_dataset"), tokenizer=tokenizer)
     held_out = training.HeldOutLoss(cfg, model, validation, loss_fn, pad_id, run)
     loop = training.training_loop(cfg, run, setup, stream)
-    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if not loop.resumed:
-        answers.record(model, "before")
+    answers = training.AnswerLog.at_start(cfg, tokenizer, run, model, loop.resumed)
 
     # The loop: one optimizer step per item
     for micro_batches in loop:

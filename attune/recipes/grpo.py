@@ -85,9 +85,7 @@ def recipe_main(cfg, run):
     loop = training.training_loop(
         cfg, run, setup, stream, updates_per_step=settings.num_iterations * minibatches
     )
-    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if not loop.resumed:
-        answers.record(policy, "before")
+    answers = training.AnswerLog.at_start(cfg, tokenizer, run, policy, loop.resumed)
     seed, distributed, world = cfg.get("seed", 0), run.world.distributed, run.world
 
     def score(rollout, texts, columns):

@@ -58,9 +58,7 @@ def recipe_main(cfg, run):
     held_out_ce = training.ChunkedCrossEntropy(getattr(loss_fn, "chunk_size", 1024))
     held_out = training.HeldOutLoss(cfg, student, validation, held_out_ce, pad_id, run)
     loop = training.training_loop(cfg, run, setup, stream)
-    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if not loop.resumed:
-        answers.record(student, "before")
+    answers = training.AnswerLog.at_start(cfg, tokenizer, run, student, loop.resumed)
 
     # The loop: one optimizer step per item; the loss is the mean per trained token
     for micro_batches in loop:

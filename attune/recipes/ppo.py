@@ -71,9 +71,7 @@ def recipe_main(cfg, run):
     kl_limit = rl.KLLimit(settings.kl_limit)
     if loop.resumed:
         kl_control.load_state_dict(loop.recipe_state)
-    answers = training.AnswerLog(config.instantiate(cfg.get("answer_check")), tokenizer, run)
-    if not loop.resumed:
-        answers.record(policy, "before")
+    answers = training.AnswerLog.at_start(cfg, tokenizer, run, policy, loop.resumed)
     seed = cfg.get("seed", 0)
     # the log-probabilities (ratios, KL) are taken at the temperature the rollouts were sampled
     # at, as TRL's PPO does: the distribution that produced them

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from attune import config
 from attune.data.formats import instruction_messages
 from attune.models import TransformerDecoder, generate
 from attune.tokenizer import Tokenizer
@@ -101,6 +102,17 @@ class AnswerLog:
         self.tokenizer = tokenizer
         self.run = run
         self.reports: dict[str, AnswerReport] = {}
+
+    @classmethod
+    def at_start(
+        cls, cfg: Any, tokenizer: Tokenizer, run: Any, model: TransformerDecoder, resumed: bool
+    ) -> AnswerLog:
+        """The config's ``answer_check`` (None: nothing happens), with the model's answers
+        recorded as ``before`` unless the run resumes one that recorded them."""
+        answers = cls(config.instantiate(cfg.get("answer_check")), tokenizer, run)
+        if not resumed:
+            answers.record(model, "before")
+        return answers
 
     def record(self, model: TransformerDecoder, when: str) -> None:
         """Answer the held-out prompts now and report it as ``when`` (``before``, ``after``)."""

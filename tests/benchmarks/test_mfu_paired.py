@@ -46,3 +46,11 @@ def test_a_folder_without_a_run_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "config.yaml not found" in error and "Traceback" not in error
+
+
+def test_too_few_steps_for_the_warm_up_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mfu_paired.main([str(tmp_path), "--steps", "2", "--warmup", "2"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--steps (2) must exceed --warmup (2)" in error
