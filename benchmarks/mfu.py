@@ -342,6 +342,51 @@ def report(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sft_run_config(parser: argparse.ArgumentParser, run: Path) -> Any:
+    """A finished full or LoRA SFT run's config (its ``config.yaml``), for re-running its steps
+    in process; anything else is one line through ``parser.error``."""
+    from omegaconf import OmegaConf
+
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        parser.error(f"{config_file} not found: give the output_dir of a fine-tuning run")
+    cfg = OmegaConf.load(config_file)
+    if cfg.get("quantization") is not None or "preference" in str(cfg.dataset.get("_component_")):
+        parser.error(f"{run}: a full or LoRA SFT run's config is needed (no QAT, no DPO)")
+    return cfg
+
+
+def rerun_config(cfg: Any, output_dir: str, max_steps: int, **overrides: Any) -> Any:
+    """``cfg`` re-run for ``max_steps`` into ``output_dir``: no checkpoints along the way, no
+    trackers, no resuming, every step logged (``overrides`` on top)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(
+        cfg,
+        {
+            "output_dir": output_dir,
+            "max_steps": max_steps,
+            "epochs": max(1, cfg.get("epochs", 1)),
+            "log_every_n_steps": 1,
+            "checkpointer": {
+                **OmegaConf.to_container(cfg.checkpointer),
+                "save_every_n_steps": None,
+            },
+            "metric_loggers": None,
+            "resume_from_checkpoint": None,
+            **overrides,
+        },
+    )
+
+
+def print_and_save(text: str, figures: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """Print ``text``; write ``figures`` as JSON to ``path`` when given. Returns ``figures``."""
+    print(text)
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, nargs="?", help="a run's output_dir")
@@ -404,10 +449,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "achieved_flops": achieved,
         "mfu": mfu(tokens_per_second, run["flops_per_token"], peaks[dtype]),
     }
-    print(report(figures))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
-    return figures
+    return print_and_save(report(figures), figures, args.json)
 
 
 if __name__ == "__main__":

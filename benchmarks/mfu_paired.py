@@ -96,7 +96,6 @@ def summarize(pairs: Sequence[dict[str, float]], flops_per_token: float) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from omegaconf import OmegaConf
 
     from attune.errors import AttuneError
 
@@ -109,12 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    config_file = args.run / "config.yaml"
-    if not config_file.is_file():
-        parser.error(f"{config_file} not found: give the output_dir of a fine-tuning run")
-    cfg = OmegaConf.load(config_file)
-    if cfg.get("quantization") is not None or "preference" in str(cfg.dataset.get("_component_")):
-        parser.error(f"{args.run}: a full or LoRA SFT run's config is needed (no QAT, no DPO)")
+    cfg = mfu.sft_run_config(parser, args.run)
     try:
         run = mfu.flops_for_run(args.run)
     except AttuneError as error:
@@ -123,19 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"no model config.json found for {args.run}")
 
     with tempfile.TemporaryDirectory(prefix="mfu_paired_") as scratch:
-        overrides = {
-            "output_dir": scratch,
-            "max_steps": args.steps,
-            "epochs": max(1, cfg.get("epochs", 1)),
-            "log_every_n_steps": 1,
-            "checkpointer": {
-                **OmegaConf.to_container(cfg.checkpointer),
-                "save_every_n_steps": None,
-            },
-            "metric_loggers": None,
-            "resume_from_checkpoint": None,
-        }
-        cfg = OmegaConf.merge(cfg, overrides)
+        cfg = mfu.rerun_config(cfg, scratch, args.steps)
         pairs = paired_steps(cfg, args.peak_seconds, run["model_config"])
     if len(pairs) <= args.warmup:
         parser.error(

@@ -6,7 +6,7 @@ Module and parameter names follow Hugging Face's (``self_attn.q_proj``, ``mlp.ga
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -92,6 +92,18 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def project(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Each of ``layers`` applied to ``x``; where the layers' class computes several
+    projections of one input at once (a ``project_together`` static method, as LoRA's
+    :class:`~attune.peft.lora.LoRALinear` has, returning None when it cannot), it does.
+
+    Shapes: ``[..., in]`` -> one ``[..., out_i]`` for each layer.
+    """
+    together = getattr(type(layers[0]), "project_together", None)
+    projected = together(x, layers) if together is not None else None
+    return projected if projected is not None else [layer(x) for layer in layers]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped K/V heads, RoPE and scaled-dot-product attention.
 
@@ -148,9 +160,10 @@ class Attention(nn.Module):
             ``[batch, seq, hidden]``.
         """
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:  # both or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

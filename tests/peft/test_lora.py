@@ -201,3 +201,77 @@ def test_torch_compile_traces_the_fused_lora_path_whole(dropout):
     torch._dynamo.reset()
     # a graph break around each adapted projection made compiled LoRA slower than eager
     assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+
+
+def _three_projections(**options):
+    torch.manual_seed(0)
+    layers = [
+        LoRALinear(torch.nn.Linear(12, out, bias=bias), rank=4, alpha=8, **options)
+        for out, bias in ((16, False), (8, True), (8, False))
+    ]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B.weight)  # B starts at zero: make the update count
+    return layers
+
+
+def _outputs_and_grads(forward, layers, x, used=(0, 1, 2)):
+    outs = forward(x)
+    loss = sum((outs[i] * (i + 1)).square().sum() for i in used)
+    params = [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    inputs = [x, *params] if x.requires_grad else params
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [outs[i] for i in used], grads
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_projections_of_one_input_equal_each_layers_own_forward(used, input_grad):
+    from attune.models.layers import project
+
+    layers = _three_projections()
+    x = torch.randn(3, 5, 12, requires_grad=input_grad)
+    assert LoRALinear.project_together(x, layers) is not None  # the shared path is taken
+    together = _outputs_and_grads(lambda x: project(x, layers), layers, x, used)
+    each = _outputs_and_grads(lambda x: [layer(x) for layer in layers], layers, x, used)
+    for got, expected in zip(together[0] + list(together[1]), each[0] + list(each[1]), strict=True):
+        if expected is None:  # an unused projection's adapters get no gradient either way
+            assert got is None or not got.any()
+            continue
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_projections_that_need_their_own_forward_are_called_one_by_one():
+    from attune.models.layers import project
+
+    x = torch.randn(2, 12)
+    refused = {
+        "dropout": _three_projections(dropout=0.1),
+        "dora": _three_projections(use_dora=True),
+        "mixed ranks": [*_three_projections()[:2], LoRALinear(torch.nn.Linear(12, 8), 2, 8)],
+        "a plain layer": [*_three_projections()[:2], torch.nn.Linear(12, 8)],
+    }
+    hooked = _three_projections()
+    calls = []
+    hooked[1].register_forward_hook(lambda module, args, out: calls.append(module))
+    refused["a forward hook"] = hooked
+    disabled = _three_projections()
+    disabled[2].adapter_enabled = False
+    refused["adapters off"] = disabled
+    for why, layers in refused.items():
+        for layer in layers:
+            layer.eval()  # dropout draws nothing: both sides comparable
+        assert LoRALinear.project_together(x, layers) is None, why
+        outs = project(x, layers)
+        for out, layer in zip(outs, layers, strict=True):
+            torch.testing.assert_close(out, layer(x), msg=why)
+    assert calls and calls[0] is hooked[1]  # the hook ran inside project
+
+
+def test_torch_compile_traces_the_shared_projections_whole():
+    from attune.models.layers import project
+
+    layers = _three_projections()
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda x: project(x, layers))(x).graph_break_count == 0
