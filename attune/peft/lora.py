@@ -333,12 +333,11 @@ class LoRALinear(nn.Module):
             *(layer.lora_A.weight for layer in plain),
             *(layer.lora_B.weight for layer in plain),
         )
-        return [
-            out.view(*x.shape[:-1], layer.out_features)
-            if layer.bias is None
-            else out.view(*x.shape[:-1], layer.out_features) + layer.bias
+        shaped = [
+            (out.view(*x.shape[:-1], layer.out_features), layer.bias)
             for out, layer in zip(outs, plain, strict=True)
         ]
+        return [out if bias is None else out + bias for out, bias in shaped]
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A``: ``[out_features, in_features]``."""
