@@ -18,7 +18,11 @@ Each piece's FLOPs are counted as ``benchmarks/mfu.py`` counts them (frozen weig
 token, trained ``6P``, adapters ``6 r (in + out)``, attention ``6 H Q`` times each document's
 ``L^2``, causal), so "at peak" is what the piece would take at the peak measured beside it. The
 output head is counted at every token, as MFU conventionally counts it; attune projects only
-the positions whose label is trained, which the ``computed`` column shows. Dense decoders with
+the positions whose label is trained, so "head + loss" can run faster than its count.
+
+In a LoRA run the projections are timed a second time with the adapters switched off (the
+frozen products alone): the difference is what the adapters cost, set beside their own FLOPs'
+time at the peak, and the MFU the step would reach if they cost only that. Dense decoders with
 Llama's layer layout (no mixture of experts, sandwich norms, QK norms or soft-capping); full and
 LoRA SFT runs.
 """
@@ -46,10 +50,13 @@ def _projection_flops(layer: torch.nn.Module, tokens: int) -> float:
     from attune.peft import LoRALinear
 
     fan_out, fan_in = layer.weight.shape
-    if isinstance(layer, LoRALinear):
+    if isinstance(layer, LoRALinear) and layer.adapter_enabled:
         rank = layer.lora_A.weight.shape[0]
         return 4.0 * tokens * fan_in * fan_out + 6.0 * tokens * rank * (fan_in + fan_out)
     return (6.0 if layer.weight.requires_grad else 4.0) * tokens * fan_in * fan_out
+
+
+PROJECTIONS = ("q, k, v projections", "o projection", "gate, up projections", "down projection")
 
 
 def _dense_llama_layers(model: torch.nn.Module) -> str | None:
@@ -153,7 +160,7 @@ def budget_pieces(
 
     def gate_up() -> None:
         x = leaf(rows, seq, hidden)
-        outs = (mlp.gate_proj(x), mlp.up_proj(x))
+        outs = project(x, (mlp.gate_proj, mlp.up_proj))
         torch.autograd.backward(outs, [data(rows, seq, inner)] * 2)
 
     def activation() -> None:
@@ -196,6 +203,8 @@ def measure(
     """Time every piece, the whole step and the peak ``rounds`` times, interleaved."""
     from attune import config
     from attune.errors import ConfigError
+    from attune.peft import LoRALinear
+    from attune.peft.lora import disabled_adapters
     from attune.training import (
         BatchStream,
         ChunkedCrossEntropy,
@@ -208,6 +217,7 @@ def measure(
     with start_run(cfg) as run:
         setup = setup_training(cfg, run)
         model = setup.model
+        lora = any(isinstance(module, LoRALinear) for module in model.modules())
         unsupported = _dense_llama_layers(model)
         if unsupported is not None:
             raise ConfigError(
@@ -233,12 +243,27 @@ def measure(
             batch = micro_batches[0]
             on_device = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pieces = budget_pieces(model, on_device, loss_fn, made)
+            # the projections again with the adapters off: the frozen products alone
+            with disabled_adapters(model):
+                frozen = {
+                    f"{name} (adapters off)": entry
+                    for name, entry in budget_pieces(model, on_device, loss_fn, made).items()
+                    if name in PROJECTIONS and lora
+                }
 
             def whole_step(micro_batches: list = micro_batches) -> None:
                 backward_step(model, micro_batches, loss_fn, run.device, run.precision)
 
+            def adapters_off(fn: Callable[[], None]) -> Callable[[], None]:
+                def run_frozen() -> None:
+                    with disabled_adapters(model):
+                        fn()
+
+                return run_frozen
+
             timed = {
                 **{name: (fn, n) for name, (fn, n, _) in pieces.items()},
+                **{name: (adapters_off(fn), n) for name, (fn, n, _) in frozen.items()},
                 "step": (whole_step, 1),
             }
             for name, (fn, _) in timed.items():
@@ -255,7 +280,7 @@ def measure(
                 )
                 padding = batch.get("padding_mask")
                 counted_tokens += int(padding.sum()) if padding is not None else tokens
-                for name, (_, n, flop) in pieces.items():
+                for name, (_, n, flop) in [*pieces.items(), *frozen.items()]:
                     figures.setdefault(name, {"per_step": n, "flops": 0.0})["flops"] += n * flop
         model.zero_grad(set_to_none=True)
     peak = statistics.median(times["peak"])
@@ -270,8 +295,11 @@ def measure(
             "at_peak_seconds": flop / peak,
             "gflops": flop / seconds / 1e9 if flop else 0.0,
         }
-    counted = sum(entry["flops"] for entry in figures.values()) / rounds
-    return {
+    frozen_table = {
+        name: table.pop(name) for name in list(table) if name.endswith("(adapters off)")
+    }
+    counted = sum(figures[name]["flops"] for name in table) / rounds
+    result = {
         "step_seconds": step,
         "pieces_seconds": sum(row["seconds"] for row in table.values()),
         "tokens": counted_tokens / rounds,
@@ -280,6 +308,22 @@ def measure(
         "mfu": counted / step / peak,
         "pieces": table,
     }
+    if frozen_table:
+        # what the adapters take beyond the frozen products, against their own FLOPs' time
+        cost = sum(
+            table[name]["seconds"] - frozen_table[f"{name} (adapters off)"]["seconds"]
+            for name in PROJECTIONS
+        )
+        own = sum(
+            table[name]["at_peak_seconds"]
+            - frozen_table[f"{name} (adapters off)"]["at_peak_seconds"]
+            for name in PROJECTIONS
+        )
+        result["adapters_off"] = frozen_table
+        result["adapters_cost_seconds"] = cost
+        result["adapter_flops_at_peak_seconds"] = own
+        result["mfu_if_adapters_cost_their_flops"] = counted / (step - cost + own) / peak
+    return result
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -299,6 +343,23 @@ def report(figures: dict[str, Any]) -> str:
         f"{figures['step_seconds'] * 1e3:,.0f} | | | peak {figures['peak'] / 1e9:,.1f}, "
         f"MFU {figures['mfu']:.1%} |"
     )
+    if "adapters_off" in figures:
+        lines += [
+            "",
+            "| with the adapters off | ms a step | ms at the peak | GFLOP/s |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, row in figures["adapters_off"].items():
+            lines.append(
+                f"| {name} | {row['seconds'] * 1e3:,.1f} | {row['at_peak_seconds'] * 1e3:,.1f} | "
+                f"{row['gflops']:,.0f} |"
+            )
+        lines.append(
+            f"\nThe adapters take {figures['adapters_cost_seconds'] * 1e3:,.0f} ms a step beyond "
+            f"the frozen products; their own FLOPs would take "
+            f"{figures['adapter_flops_at_peak_seconds'] * 1e3:,.0f} ms at the peak. Were that all "
+            f"they cost, the MFU would be {figures['mfu_if_adapters_cost_their_flops']:.1%}."
+        )
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import step_budget
-from benchmarks.mfu import lora_for_run, model_config_for_run, model_flops_per_token
+from benchmarks.mfu import linear_shapes, lora_for_run, model_config_for_run, model_flops_per_token
 from tests.recipes.conftest import train, write_config
 
 PIECES = {
@@ -58,7 +58,32 @@ def test_the_pieces_are_timed_and_counted_as_the_mfu_counts_them(
     per_token = (figures["flops"] - attention_flops) / figures["tokens"]
     assert per_token == pytest.approx(expected, rel=1e-9)
     assert json.loads((tmp_path / "b.json").read_text())["mfu"] == figures["mfu"]
-    assert "| **sum of the pieces** / the step measured |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| **sum of the pieces** / the step measured |" in out
+    if method == "full":
+        assert "adapters_off" not in figures and "adapters off" not in out
+        return
+    # LoRA: the projections again with the adapters off, counted without the adapters' FLOPs
+    off = figures["adapters_off"]
+    assert set(off) == {f"{name} (adapters off)" for name in step_budget.PROJECTIONS}
+    assert all(row["seconds"] > 0 for row in off.values())
+    on_flops = sum(figures["pieces"][name]["at_peak_seconds"] for name in step_budget.PROJECTIONS)
+    off_flops = sum(row["at_peak_seconds"] for row in off.values())
+    layers = model_config_for_run(cfg)["num_hidden_layers"]
+    shapes = linear_shapes(model_config_for_run(cfg))
+    adapter_per_token = 6.0 * rank * layers * sum(sum(shapes[name]) for name in targets)
+    assert (on_flops - off_flops) * figures["peak"] / figures["tokens"] == pytest.approx(
+        adapter_per_token, rel=1e-9
+    )
+    assert figures["adapter_flops_at_peak_seconds"] == pytest.approx(on_flops - off_flops)
+    cost = sum(
+        figures["pieces"][name]["seconds"] - off[f"{name} (adapters off)"]["seconds"]
+        for name in step_budget.PROJECTIONS
+    )
+    assert figures["adapters_cost_seconds"] == pytest.approx(cost)
+    ideal_step = figures["step_seconds"] - cost + (on_flops - off_flops)
+    assert figures["mfu_if_adapters_cost_their_flops"] == pytest.approx(at_peak / ideal_step)
+    assert "Were that all they cost, the MFU would be" in out
 
 
 def test_a_folder_without_a_run_is_one_line(tmp_path, capsys):
