@@ -243,13 +243,15 @@ def measure(
             batch = micro_batches[0]
             on_device = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pieces = budget_pieces(model, on_device, loss_fn, made)
-            # the projections again with the adapters off: the frozen products alone
-            with disabled_adapters(model):
-                frozen = {
-                    f"{name} (adapters off)": entry
-                    for name, entry in budget_pieces(model, on_device, loss_fn, made).items()
-                    if name in PROJECTIONS and lora
-                }
+            # LoRA's projections again with the adapters off: the frozen products alone
+            frozen = {}
+            if lora:
+                with disabled_adapters(model):
+                    frozen = {
+                        f"{name} (adapters off)": entry
+                        for name, entry in budget_pieces(model, on_device, loss_fn, made).items()
+                        if name in PROJECTIONS
+                    }
 
             def whole_step(micro_batches: list = micro_batches) -> None:
                 backward_step(model, micro_batches, loss_fn, run.device, run.precision)
