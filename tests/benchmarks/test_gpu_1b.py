@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.gpu_1b import LLAMA_3_2_1B, parameter_count
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,6 +17,7 @@ def test_the_1b_config_has_llama_3_2_1b_parameter_count():
     assert parameter_count(LLAMA_3_2_1B) == 1_235_814_400  # as published
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_end_to_end_at_a_tiny_size():
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_1b.py"), "--tiny", "--device", "cpu",

@@ -91,6 +91,7 @@ def test_sft_trains_each_moe_family(tmp_path, config_class):
     assert all("router_aux_loss" in r for r in records(tmp_path / "run") if "loss" in r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("recipe", "base", "plan"),
     [

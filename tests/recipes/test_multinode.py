@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import subprocess
 
+import pytest
+
 from tests.conftest import tune_command
 from tests.recipes.conftest import losses, run_tune_in_process, write_config
 
@@ -16,6 +18,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_give_the_losses_of_one_process(tmp_path, checkpoint):
     overrides = {"max_steps": 4}
     for name in ("one", "two"):

@@ -105,6 +105,7 @@ def test_ppo_raises_a_function_reward_and_resumes_exactly(tmp_path, tiny_cache):
             assert repeat[name] == pytest.approx(original[name], abs=1e-6), (name, repeat["step"])
 
 
+@pytest.mark.slow
 def test_adaptive_kl_follows_its_law_and_pulls_the_kl_back_toward_the_target(tmp_path, tiny_cache):
     """With a target of 1 nat per response the coefficient follows Ziegler et al.'s update at
     every step (from the logged KL), rises once the KL overshoots (the reversal is many nats
@@ -125,6 +126,7 @@ def test_adaptive_kl_follows_its_law_and_pulls_the_kl_back_toward_the_target(tmp
     assert sum(kls[-5:]) / 5 < 0.75 * peak, [round(kl, 2) for kl in kls]
 
 
+@pytest.mark.slow
 def test_kl_limit_keeps_the_kl_to_the_reference_near_its_bound(tmp_path, tiny_cache):
     """tiny/ppo's fixed coefficient lets the KL per response reach about 9 nats by step 30;
     with ``ppo.kl_limit=3`` updates that find the policy past 3 nats move it back, so the KL
