@@ -101,6 +101,7 @@ def test_tied_embeddings_stay_tied_when_sharded(tmp_path):
 QAT_DRIFT = 1e-2
 
 
+@pytest.mark.slow
 def test_qat_on_two_processes_gives_the_first_step_of_one_and_resumes_exactly(tmp_path, checkpoint):
     """FSDP2 over fake-quantized layers: step 1's loss and gradient norm of one process (and
     not full precision's loss), later steps within the drift rounding amplifies, a quantized

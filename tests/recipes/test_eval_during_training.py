@@ -149,6 +149,7 @@ def assert_scores_equal(logged, results):
         assert abs(logged[name] - expected) <= 1e-5 * max(1.0, abs(expected)), name
 
 
+@pytest.mark.slow
 def test_two_processes_score_the_sharded_model_as_its_checkpoint(tmp_path, checkpoint):
     """Under FSDP every process scores every request (the sharded forward is a collective):
     no deadlock, and the first process logs the saved checkpoint's scores."""

@@ -46,6 +46,7 @@ def test_grpo_raises_the_reward_and_resumes_exactly(tmp_path, tiny_cache):
             assert repeat[name] == pytest.approx(original[name], abs=1e-6), (name, repeat["step"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic_sampling"])
 def test_grpo_on_two_processes_gives_the_losses_of_one(tmp_path, tiny_cache, dynamic):
     """4 prompts on 1 process or 2 on each of 2, answered 8 times each: every completion is
