@@ -101,14 +101,14 @@ def measure(
         entry = {"seconds": seconds, "gflops": counted / seconds / 1e9}
         if variant != "frozen":
             cost = [a - b for a, b in zip(times[variant], times["frozen"], strict=True)]
-            low, _, high = statistics.quantiles(cost, n=4)
-            entry["adapters_cost_seconds"] = statistics.median(cost)
-            entry["adapters_cost_quartiles"] = [low, high]
+            entry["adapters_cost_seconds"], entry["adapters_cost_quartiles"] = (
+                mfu.median_and_quartiles(cost)
+            )
         figures[variant] = entry
     saved = [b - a for a, b in zip(times["together"], times["each"], strict=True)]
-    low, _, high = statistics.quantiles(saved, n=4)
-    figures["together_saves_seconds"] = statistics.median(saved)
-    figures["together_saves_quartiles"] = [low, high]
+    figures["together_saves_seconds"], figures["together_saves_quartiles"] = (
+        mfu.median_and_quartiles(saved)
+    )
     return figures
 
 

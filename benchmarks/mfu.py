@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections import Counter
@@ -377,6 +378,12 @@ def rerun_config(cfg: Any, output_dir: str, max_steps: int, **overrides: Any) ->
             **overrides,
         },
     )
+
+
+def median_and_quartiles(values: Sequence[float]) -> tuple[float, list[float]]:
+    """The median of ``values`` and their first and third quartiles (one value: itself)."""
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return statistics.median(values), [quartiles[0], quartiles[2]]
 
 
 def print_and_save(text: str, figures: dict[str, Any], path: Path | None) -> dict[str, Any]:

@@ -85,10 +85,10 @@ def summarize(pairs: Sequence[dict[str, float]], flops_per_token: float) -> dict
         mfu.mfu(rate, flops_per_token, pair["peak"])
         for rate, pair in zip(rates, pairs, strict=True)
     ]
-    quartiles = statistics.quantiles(mfus, n=4) if len(mfus) > 1 else [mfus[0]] * 3
+    median, quartiles = mfu.median_and_quartiles(mfus)
     return {
-        "mfu": statistics.median(mfus),
-        "mfu_quartiles": [quartiles[0], quartiles[2]],
+        "mfu": median,
+        "mfu_quartiles": quartiles,
         "tokens_per_second": statistics.median(rates),
         "peak": statistics.median(pair["peak"] for pair in pairs),
         "pairs": [{**pair, "mfu": m} for pair, m in zip(pairs, mfus, strict=True)],

@@ -57,6 +57,7 @@ def _projection_flops(layer: torch.nn.Module, tokens: int) -> float:
 
 
 PROJECTIONS = ("q, k, v projections", "o projection", "gate, up projections", "down projection")
+ADAPTERS_OFF = " (adapters off)"  # the suffix of a projection piece timed with its adapters off
 
 
 def _dense_llama_layers(model: torch.nn.Module) -> str | None:
@@ -248,7 +249,7 @@ def measure(
             if lora:
                 with disabled_adapters(model):
                     frozen = {
-                        f"{name} (adapters off)": entry
+                        name + ADAPTERS_OFF: entry
                         for name, entry in budget_pieces(model, on_device, loss_fn, made).items()
                         if name in PROJECTIONS
                     }
@@ -297,9 +298,7 @@ def measure(
             "at_peak_seconds": flop / peak,
             "gflops": flop / seconds / 1e9 if flop else 0.0,
         }
-    frozen_table = {
-        name: table.pop(name) for name in list(table) if name.endswith("(adapters off)")
-    }
+    frozen_table = {name: table.pop(name) for name in list(table) if name.endswith(ADAPTERS_OFF)}
     counted = sum(figures[name]["flops"] for name in table) / rounds
     result = {
         "step_seconds": step,
@@ -313,12 +312,11 @@ def measure(
     if frozen_table:
         # what the adapters take beyond the frozen products, against their own FLOPs' time
         cost = sum(
-            table[name]["seconds"] - frozen_table[f"{name} (adapters off)"]["seconds"]
+            table[name]["seconds"] - frozen_table[name + ADAPTERS_OFF]["seconds"]
             for name in PROJECTIONS
         )
         own = sum(
-            table[name]["at_peak_seconds"]
-            - frozen_table[f"{name} (adapters off)"]["at_peak_seconds"]
+            table[name]["at_peak_seconds"] - frozen_table[name + ADAPTERS_OFF]["at_peak_seconds"]
             for name in PROJECTIONS
         )
         result["adapters_off"] = frozen_table
